@@ -1,0 +1,89 @@
+"""The agent's configuration file (YAML), validated in full before anything starts.
+
+`load_config()` either returns a config whose every device has a known profile and a connection its
+driver accepts, or raises `DocumentError` naming the file, line and field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from drivers.profiles import ProfileLibrary
+from drivers.registry import PROTOCOL_OF_CONNECTION, Connection
+from wire.documents import line_of, read_yaml, validate_document
+from wire.errors import DocumentError, Problem
+from wire.models import Id
+from wire.mqtt import MqttSettings
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BufferSettings(_Section):
+    path: Path = Path("/var/lib/campus-agent/buffer.db")
+    commit_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    commit_max_readings: Annotated[int, Field(ge=1)] = 5000
+
+
+class ForwarderSettings(_Section):
+    batch_max_readings: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    window: Annotated[int, Field(ge=1, le=1000)] = 8
+    ack_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class DeviceConfig(_Section):
+    id: Id
+    profile: str
+    interval_s: Annotated[float, Field(ge=0.01, le=86_400)] = 10.0
+    timeout_s: Annotated[float, Field(gt=0, le=120)] = 5.0
+    connection: Connection
+
+
+class AgentConfig(_Section):
+    site: Id
+    gateway: Id
+    mqtt: MqttSettings = MqttSettings()
+    buffer: BufferSettings = BufferSettings()
+    forwarder: ForwarderSettings = ForwarderSettings()
+    profiles_dir: Path | None = None
+    state_interval_s: Annotated[float, Field(ge=1)] = 60.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    devices: list[DeviceConfig] = []
+
+    @model_validator(mode="after")
+    def _unique_device_ids(self) -> AgentConfig:
+        seen: set[str] = set()
+        for device in self.devices:
+            if device.id in seen:
+                raise ValueError(f"device id {device.id!r} is used twice")
+            seen.add(device.id)
+        return self
+
+
+def load_config(path: Path) -> tuple[AgentConfig, ProfileLibrary]:
+    data, root = read_yaml(path)
+    config = validate_document(AgentConfig, data, str(path), root)
+    library = ProfileLibrary.for_document(config.profiles_dir, path)
+    problems = []
+    for index, device in enumerate(config.devices):
+        where = f"devices.{index}.profile"
+        line = line_of(root, ("devices", index, "profile"))
+        if unknown := library.unknown(device.profile, where, line):
+            problems.append(unknown)
+            continue
+        protocol = library.profiles[device.profile].protocol
+        if PROTOCOL_OF_CONNECTION[device.connection.type] != protocol:
+            problems.append(
+                Problem(
+                    where,
+                    f"profile speaks {protocol}, connection is {device.connection.type}",
+                    line,
+                )
+            )
+    if problems:
+        raise DocumentError(str(path), problems)
+    return config, library

@@ -1,0 +1,124 @@
+"""Owns every poll schedule: one loop per device, serialised per bus, with availability tracking.
+
+Rules: a poll never overlaps the previous one of the same device; devices on one bus take turns
+(one request at a time on an RS-485 line or a Modbus TCP gateway); a failing device is polled with
+capped exponential back-off and reported once when it goes down and once when it comes back, never
+on every failed poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from agent.buffer import Buffer
+from agent.config import DeviceConfig
+from agent.events import EventQueue
+from drivers.base import Driver
+from drivers.errors import DriverError
+from wire.models import EventKind
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_FACTOR = 8
+
+
+@dataclass(slots=True)
+class DeviceHealth:
+    up: bool | None = None
+    polls: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    rejected: int = 0
+    last_error: str | None = None
+    last_success_ns: int | None = None
+
+
+class Coordinator:
+    def __init__(self, buffer: Buffer, events: EventQueue) -> None:
+        self.buffer = buffer
+        self.events = events
+        self.health: dict[str, DeviceHealth] = {}
+        self._bus_locks: dict[str, asyncio.Lock] = {}
+        self._rejected_points: dict[tuple[str, str], str] = {}
+
+    def add(self, device: DeviceConfig, driver: Driver) -> _DeviceLoop:
+        self.health[device.id] = DeviceHealth()
+        lock = self._bus_locks.setdefault(driver.bus, asyncio.Lock())
+        return _DeviceLoop(self, device, driver, lock)
+
+    async def poll_once(self, device: DeviceConfig, driver: Driver, lock: asyncio.Lock) -> bool:
+        health = self.health[device.id]
+        health.polls += 1
+        try:
+            async with lock:
+                result = await asyncio.wait_for(driver.read(), device.timeout_s)
+        except (DriverError, TimeoutError, OSError) as exc:
+            reason = str(exc) or type(exc).__name__
+            self._failed(device.id, health, reason)
+            return False
+        ts_ns = time.time_ns()
+        for point, value in result.values:
+            self.buffer.add(ts_ns, device.id, point, value)
+        self._report_rejected(device.id, health, result.rejected)
+        health.consecutive_failures = 0
+        health.last_success_ns = ts_ns
+        if health.up is not True:
+            if health.up is False:
+                log.info("device %s is back (%s)", device.id, driver.bus)
+                self.events.raise_event(EventKind.DEVICE_UP, "device answers again", device.id)
+            health.up = True
+            health.last_error = None
+        return True
+
+    def _failed(self, device_id: str, health: DeviceHealth, reason: str) -> None:
+        health.failures += 1
+        health.consecutive_failures += 1
+        health.last_error = reason
+        if health.up is not False:
+            log.warning("device %s is down: %s", device_id, reason)
+            self.events.raise_event(EventKind.DEVICE_DOWN, reason, device_id)
+            health.up = False
+
+    def _report_rejected(
+        self, device_id: str, health: DeviceHealth, rejected: list[tuple[str, str]]
+    ) -> None:
+        health.rejected += len(rejected)
+        now_bad = {(device_id, point): why for point, why in rejected}
+        for key, why in now_bad.items():
+            if key not in self._rejected_points:
+                log.warning("device %s point %s rejected: %s", device_id, key[1], why)
+                self.events.raise_event(
+                    EventKind.REJECTED_INPUT, why, device_id, point=key[1], count=health.rejected
+                )
+        for key in [k for k in self._rejected_points if k[0] == device_id and k not in now_bad]:
+            del self._rejected_points[key]
+        self._rejected_points.update(now_bad)
+
+
+class _DeviceLoop:
+    def __init__(
+        self, coordinator: Coordinator, device: DeviceConfig, driver: Driver, lock: asyncio.Lock
+    ) -> None:
+        self.coordinator = coordinator
+        self.device = device
+        self.driver = driver
+        self.lock = lock
+
+    async def run(self) -> None:
+        interval = self.device.interval_s
+        await asyncio.sleep(random.uniform(0, min(interval, 1.0)))
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            ok = await self.coordinator.poll_once(self.device, self.driver, self.lock)
+            health = self.coordinator.health[self.device.id]
+            factor = 1 if ok else min(2 ** (health.consecutive_failures - 1), MAX_BACKOFF_FACTOR)
+            next_at += interval * factor
+            now = loop.time()
+            if next_at < now:  # overran: skip missed slots instead of bursting
+                next_at = now + interval * factor
+            await asyncio.sleep(next_at - now)

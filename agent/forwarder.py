@@ -1,0 +1,139 @@
+"""Drains the buffer to the broker: batches in sequence order, QoS 1, a bounded window in flight.
+
+Transaction rules (as Telegraf's output buffer): take a batch, publish, and only on a successful
+PUBACK delete exactly that batch's range. A refusal (a failure reason code), a timeout or a lost
+connection keeps the batch; the next round starts again from the oldest reading still buffered, so
+a reading is re-sent rather than lost, and the fleet's (gateway, seq) dedup absorbs the repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from agent.buffer import Buffer, Row
+from agent.events import EventQueue
+from wire.models import EventKind
+from wire.mqtt import MqttError, MqttLink, PublishRefused
+
+log = logging.getLogger(__name__)
+
+REFUSAL_BACKOFF_S = 5.0
+
+
+def encode_batch(rows: list[Row], sent_ns: int) -> bytes:
+    """The `…/telemetry` payload for buffer rows, without building a model per reading."""
+    return json.dumps(
+        {
+            "v": 1,
+            "first_seq": rows[0][0],
+            "last_seq": rows[-1][0],
+            "sent_ns": sent_ns,
+            "readings": rows,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+@dataclass(slots=True)
+class ForwarderStats:
+    batches_sent: int = 0
+    readings_acked: int = 0
+    refusals: int = 0
+    timeouts: int = 0
+    rewinds: int = 0
+
+
+class Forwarder:
+    def __init__(
+        self,
+        buffer: Buffer,
+        link: MqttLink,
+        topic: str,
+        events: EventQueue,
+        *,
+        batch_max: int = 1000,
+        window: int = 8,
+        ack_timeout_s: float = 30.0,
+    ) -> None:
+        self.buffer = buffer
+        self.link = link
+        self.topic = topic
+        self.events = events
+        self.batch_max = batch_max
+        self.ack_timeout_s = ack_timeout_s
+        self.stats = ForwarderStats()
+        self._window = asyncio.Semaphore(window)
+        self._new_data = asyncio.Event()
+        self._failed = False
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        """Called after readings were committed to the buffer."""
+        self._new_data.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.link.wait_connected()
+            await self._drain()
+            # Let everything in flight settle before starting over from the oldest reading.
+            if self._in_flight:
+                await asyncio.wait(self._in_flight)
+            if self._failed:
+                self._failed = False
+                self.stats.rewinds += 1
+                await asyncio.sleep(REFUSAL_BACKOFF_S if self.stats.refusals else 0.5)
+
+    async def _drain(self) -> None:
+        cursor = 0
+        while self.link.connected and not self._failed:
+            await self._window.acquire()
+            rows = self.buffer.take(cursor, self.batch_max)
+            if not rows:
+                self._window.release()
+                self._new_data.clear()
+                if self._failed or not self.link.connected:
+                    return
+                waiter = asyncio.ensure_future(self._new_data.wait())
+                done, _ = await asyncio.wait({waiter}, timeout=1.0)
+                if not done:
+                    waiter.cancel()
+                continue
+            cursor = rows[-1][0]
+            future = self.link.publish(self.topic, encode_batch(rows, time.time_ns()), qos=1)
+            self.stats.batches_sent += 1
+            task = asyncio.create_task(self._settle(future, rows[0][0], rows[-1][0], len(rows)))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _settle(self, future: asyncio.Future[int], first: int, last: int, count: int) -> None:
+        try:
+            await asyncio.wait_for(future, self.ack_timeout_s)
+        except PublishRefused as exc:
+            self.stats.refusals += 1
+            self._failed = True
+            log.error("telemetry %d..%d refused by the broker: %s", first, last, exc.reason)
+            self.events.raise_event(
+                EventKind.REJECTED_INPUT,
+                f"broker refused telemetry: {exc.reason}",
+                reason_code=exc.reason_code,
+                first_seq=first,
+                last_seq=last,
+            )
+        except TimeoutError:
+            self.stats.timeouts += 1
+            self._failed = True
+            log.warning(
+                "no PUBACK for telemetry %d..%d within %.0fs", first, last, self.ack_timeout_s
+            )
+        except MqttError as exc:
+            self._failed = True
+            log.info("telemetry %d..%d not sent: %s", first, last, exc)
+        else:
+            self.buffer.delete_range(first, last)
+            self.stats.readings_acked += count
+        finally:
+            self._window.release()

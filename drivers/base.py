@@ -1,0 +1,35 @@
+"""The one interface every device driver implements.
+
+A driver is created from a validated profile and a connection; it does its own protocol I/O and
+nothing else: no buffering, no scheduling, no MQTT. `read()` returns every point it could decode
+and names the ones it refused, so one bad value never hides the others.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+Value = bool | int | float | str
+
+
+@dataclass(slots=True)
+class PollResult:
+    values: list[tuple[str, Value]] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (point, why)
+
+
+class Driver(ABC):
+    """open → read* → close. Errors are `drivers.errors.DriverError` subclasses."""
+
+    #: Requests for drivers with the same bus key are serialised (one RS-485 line, one TCP peer).
+    bus: str
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def read(self) -> PollResult: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
