@@ -111,9 +111,15 @@ class SimulatedModbusDevice:
 async def serve_modbus_tcp(device: SimulatedModbusDevice, host: str, port: int) -> None:
     """Serves until cancelled."""
     server = ModbusTcpServer(device.sim_device(), address=(host, port))
-    log.info("%s (%s) listening on %s port %d, unit %d", device.profile.model, device.profile.id,
-             host, port, device.unit)
+    log.info(
+        "%s (%s) listening on %s port %d, unit %d",
+        device.profile.model,
+        device.profile.id,
+        host,
+        port,
+        device.unit,
+    )
     try:
         await server.serve_forever()
     finally:
-        await asyncio.shield(server.shutdown())
+        await asyncio.shield(server.shutdown())  # type: ignore[no-untyped-call]

@@ -17,7 +17,7 @@ from wire.errors import DocumentError, Problem
 M = TypeVar("M", bound=BaseModel)
 
 
-def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+def line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     """The 1-based line of the deepest YAML node that `loc` reaches."""
     node = root
     line = node.start_mark.line + 1 if node is not None else None
@@ -64,19 +64,24 @@ def validate_document(model: type[M], data: Any, path: str, root: yaml.Node | No
             Problem(
                 ".".join(str(part) for part in err["loc"]),
                 err["msg"],
-                _line_of(root, tuple(err["loc"])),
+                line_of(root, tuple(err["loc"])),
             )
             for err in exc.errors()
         ]
         raise DocumentError(path, problems) from None
 
 
-def load_document(model: type[M], path: Path) -> M:
+def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """The parsed document and its node tree (for `line_of`)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise DocumentError(str(path), [Problem("", f"cannot read: {exc.strerror}")]) from None
     except UnicodeDecodeError:
         raise DocumentError(str(path), [Problem("", "not UTF-8 text")]) from None
-    data, root = parse_yaml(text, str(path))
+    return parse_yaml(text, str(path))
+
+
+def load_document(model: type[M], path: Path) -> M:
+    data, root = read_yaml(path)
     return validate_document(model, data, str(path), root)

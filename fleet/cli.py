@@ -1,0 +1,312 @@
+"""`campus-fleet`: the fleet service and the commands school IT staff use.
+
+Exit codes: 0 success; 1 runtime failure (e.g. unreadable database); 2 bad command line or
+configuration; 3 the thing asked for does not exist (e.g. an unknown device).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from fleet.config import DEFAULT_CONFIG, FleetConfig, load_config
+from fleet.store import Store
+from fleet.timefmt import ago, iso, parse_since
+from wire.errors import DocumentError
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+
+console = Console()
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"campus-fleet: {message}", err=True)
+    sys.exit(code)
+
+
+class Context:
+    def __init__(self, config_path: Path, db_path: Path | None) -> None:
+        self.config_path = config_path
+        self.db_path = db_path
+        self._config: FleetConfig | None = None
+
+    @property
+    def config(self) -> FleetConfig:
+        if self._config is None:
+            try:
+                self._config = load_config(self.config_path)
+            except DocumentError as exc:
+                fail(str(exc), EXIT_USAGE)
+        return self._config
+
+    def store(self) -> Store:
+        path = self.db_path or self.config.database
+        if not path.exists():
+            fail(f"no fleet database at {path} (has 'campus-fleet serve' run yet?)", EXIT_RUNTIME)
+        return Store(path)
+
+
+pass_context = click.make_pass_decorator(Context)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def show_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="campus-iot", prog_name="campus-fleet")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    envvar="CAMPUS_FLEET_CONFIG",
+    help="Fleet configuration file (YAML). Env: CAMPUS_FLEET_CONFIG.",
+)
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(path_type=Path),
+    envvar="CAMPUS_FLEET_DB",
+    help="Read this fleet database instead of the one the config names. Env: CAMPUS_FLEET_DB.",
+)
+@click.pass_context
+def main(ctx: click.Context, config_path: Path, db_path: Path | None) -> None:
+    """Fleet manager of a school's (or district's) campus-iot gateways.
+
+    `serve` runs the service that receives every gateway's telemetry, state and events over MQTT
+    and keeps them in SQLite; the other commands read what it stored. Tables are for people;
+    add --json for scripts.
+
+    \b
+    Examples:
+      campus-fleet serve --config /etc/campus-iot/fleet.yaml
+      campus-fleet gateways list
+      campus-fleet devices list --json
+      campus-fleet readings room-101-env --since 15m
+    """
+    ctx.obj = Context(config_path, db_path)
+
+
+@main.command()
+@pass_context
+def serve(ctx: Context) -> None:
+    """Run the fleet service until SIGTERM or Ctrl-C."""
+    config = ctx.config
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from fleet.service import FleetService
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await FleetService(config).run(stop)
+
+    asyncio.run(run())
+
+
+@main.group()
+def gateways() -> None:
+    """Gateways that have reported to this fleet."""
+
+
+@gateways.command("list")
+@json_option
+@pass_context
+def gateways_list(ctx: Context, as_json: bool) -> None:
+    """Every gateway with its status (online/offline), agent version and buffer depth."""
+    rows = ctx.store().gateways()
+    if as_json:
+        emit_json(
+            [
+                {
+                    "site": r["site"],
+                    "gateway": r["gateway"],
+                    "status": r["status"] or "unknown",
+                    "reason": r["reason"],
+                    "agent_version": r["agent_version"],
+                    "devices": r["devices"],
+                    "buffer_depth": r["buffer_depth"],
+                    "evicted": r["evicted"],
+                    "received": r["received"],
+                    "duplicates": r["duplicates"],
+                    "last_seq": r["last_seq"],
+                    "last_seen": iso(r["last_seen_ns"]),
+                }
+                for r in rows
+            ]
+        )
+        return
+    now = time.time_ns()
+    table = Table(title=f"Gateways ({len(rows)})")
+    for column in ("site", "gateway", "status", "devices", "buffered", "received", "last seen"):
+        table.add_column(column)
+    for r in rows:
+        status = r["status"] or "unknown"
+        style = "green" if status == "online" else "red"
+        table.add_row(
+            r["site"],
+            r["gateway"],
+            f"[{style}]{status}[/]" + (f" ({r['reason']})" if r["reason"] else ""),
+            str(r["devices"]),
+            str(r["buffer_depth"] if r["buffer_depth"] is not None else "-"),
+            str(r["received"]),
+            ago(r["last_seen_ns"], now),
+        )
+    console.print(table)
+
+
+@main.group()
+def devices() -> None:
+    """Devices the gateways poll."""
+
+
+@devices.command("list")
+@json_option
+@pass_context
+def devices_list(ctx: Context, as_json: bool) -> None:
+    """Every device, its profile, whether it answers, and its gateway's status."""
+    rows = ctx.store().devices()
+
+    def availability(r: dict[str, Any]) -> str:
+        if r["gateway_status"] != "online":
+            return "unknown"
+        return {1: "up", 0: "down"}.get(r["up"], "unknown")
+
+    if as_json:
+        emit_json(
+            [
+                {
+                    "site": r["site"],
+                    "gateway": r["gateway"],
+                    "device": r["device"],
+                    "profile": r["profile"],
+                    "kind": r["kind"],
+                    "availability": availability(r),
+                    "gateway_status": r["gateway_status"] or "unknown",
+                    "last_reading": iso(r["last_seen_ns"]),
+                }
+                for r in rows
+            ]
+        )
+        return
+    now = time.time_ns()
+    table = Table(title=f"Devices ({len(rows)})")
+    for column in ("site", "gateway", "device", "kind", "profile", "availability", "last reading"):
+        table.add_column(column)
+    for r in rows:
+        state = availability(r)
+        style = {"up": "green", "down": "red"}.get(state, "yellow")
+        table.add_row(
+            r["site"],
+            r["gateway"],
+            r["device"],
+            r["kind"] or "-",
+            r["profile"] or "-",
+            f"[{style}]{state}[/]",
+            ago(r["last_seen_ns"], now),
+        )
+    console.print(table)
+
+
+@main.command()
+@click.argument("device")
+@click.option(
+    "--since",
+    default="1h",
+    show_default=True,
+    help="How far back: 30s, 15m, 2h, 1d, 1w, or an ISO 8601 time.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1_000_000),
+    default=1000,
+    show_default=True,
+    help="At most this many readings (the newest).",
+)
+@json_option
+@pass_context
+def readings(ctx: Context, device: str, since: str, limit: int, as_json: bool) -> None:
+    """Readings of DEVICE, oldest first, with their sequence numbers.
+
+    DEVICE is a device id, or gateway/device or site/gateway/device when the id alone is
+    ambiguous.
+    """
+    now = time.time_ns()
+    try:
+        since_ns = parse_since(since, now)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    store = ctx.store()
+    matches = store.find_device(device)
+    if not matches:
+        fail(f"no device {device!r} (see 'campus-fleet devices list')", EXIT_NOT_FOUND)
+    if len(matches) > 1:
+        names = ", ".join(f"{m['site']}/{m['gateway']}/{m['device']}" for m in matches)
+        fail(f"{device!r} is ambiguous: {names}", EXIT_USAGE)
+    match = matches[0]
+    rows = store.readings(match["site"], match["gateway"], match["device"], since_ns, limit)
+    if as_json:
+        emit_json(
+            [
+                {
+                    "site": match["site"],
+                    "gateway": match["gateway"],
+                    "device": match["device"],
+                    "seq": r["seq"],
+                    "ts_ns": r["ts_ns"],
+                    "time": iso(r["ts_ns"]),
+                    "point": r["point"],
+                    "value": r["value"],
+                    "quality": r["quality"],
+                }
+                for r in rows
+            ]
+        )
+        return
+    table = Table(title=f"{match['site']}/{match['gateway']}/{match['device']} since {since}")
+    for column in ("seq", "time (UTC)", "point", "value"):
+        table.add_column(column, justify="right" if column in ("seq", "value") else "left")
+    for r in rows:
+        table.add_row(str(r["seq"]), iso(r["ts_ns"]) or "", r["point"], show_value(r["value"]))
+    console.print(table)
+
+
+@main.group()
+def schema() -> None:
+    """JSON Schema of the wire messages, for clients in other languages."""
+
+
+@schema.command("export")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+def schema_export(directory: Path) -> None:
+    """Write one <channel>.schema.json per message type into DIRECTORY."""
+    from wire.schema import export
+
+    for path in export(directory):
+        click.echo(str(path))

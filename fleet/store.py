@@ -1,0 +1,291 @@
+"""The fleet's registry and telemetry store (SQLite through sqlite-utils).
+
+Rules: a reading is identified by (site, gateway, seq) and stored once: a repeat is counted as a
+duplicate, never stored twice. `ingest_batch()` and the gateway counters change in the same
+transaction, so the counters always match the rows. Readers (the CLI) open the same file while
+the service writes: WAL mode lets them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from wire.models import Event, GatewayState, Reading, Status
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    new: int
+    duplicates: int
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.db = sqlite_utils.Database(self.conn)
+        self._create()
+
+    def _create(self) -> None:
+        db = self.db
+        if db.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.conn.execute("PRAGMA journal_mode=WAL")
+        db.conn.execute("PRAGMA synchronous=NORMAL")
+        if "gateways" in db.table_names():
+            return
+        with self.transaction():
+            db.table("gateways").create(
+                {
+                    "site": str,
+                    "gateway": str,
+                    "status": str,
+                    "reason": str,
+                    "agent_version": str,
+                    "keepalive_s": int,
+                    "first_seen_ns": int,
+                    "last_seen_ns": int,
+                    "state_ts_ns": int,
+                    "buffer_depth": int,
+                    "evicted": int,
+                    "received": int,
+                    "duplicates": int,
+                    "last_seq": int,
+                },
+                pk=("site", "gateway"),
+                defaults={"received": 0, "duplicates": 0, "last_seq": 0, "evicted": 0},
+                not_null={"received", "duplicates", "last_seq", "evicted"},
+            )
+            db.table("devices").create(
+                {
+                    "site": str,
+                    "gateway": str,
+                    "device": str,
+                    "profile": str,
+                    "kind": str,
+                    "up": int,
+                    "last_seen_ns": int,
+                },
+                pk=("site", "gateway", "device"),
+            )
+            db.table("readings").create(
+                {
+                    "site": str,
+                    "gateway": str,
+                    "seq": int,
+                    "ts_ns": int,
+                    "device": str,
+                    "point": str,
+                    "value": bytes,
+                    "quality": int,
+                    "received_ns": int,
+                },
+                pk=("site", "gateway", "seq"),
+            )
+            db.table("readings").create_index(["device", "ts_ns"])
+            db.table("latest").create(
+                {
+                    "site": str,
+                    "gateway": str,
+                    "device": str,
+                    "point": str,
+                    "value": bytes,
+                    "ts_ns": int,
+                    "seq": int,
+                },
+                pk=("site", "gateway", "device", "point"),
+            )
+            db.table("events").create(
+                {
+                    "id": int,
+                    "site": str,
+                    "gateway": str,
+                    "ts_ns": int,
+                    "kind": str,
+                    "device": str,
+                    "message": str,
+                    "data": str,
+                    "received_ns": int,
+                },
+                pk="id",
+            )
+            db.table("rejected").create(
+                {"id": int, "topic": str, "reason": str, "received_ns": int}, pk="id"
+            )
+
+    def transaction(self) -> _Transaction:
+        return _Transaction(self.conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- writes (the ingest path) --------------------------------------------------------------
+
+    def _touch_gateway(self, site: str, gateway: str, now_ns: int) -> None:
+        self.conn.execute(
+            "INSERT INTO gateways (site, gateway, first_seen_ns, last_seen_ns) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (site, gateway) DO UPDATE SET last_seen_ns = excluded.last_seen_ns",
+            (site, gateway, now_ns, now_ns),
+        )
+
+    def ingest_batch(self, site: str, gateway: str, readings: Sequence[Reading]) -> IngestResult:
+        """Stores the readings not seen before; call inside `transaction()`."""
+        now = time.time_ns()
+        self._touch_gateway(site, gateway, now)
+        before = self.conn.total_changes
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO readings "
+            "(site, gateway, seq, ts_ns, device, point, value, quality, received_ns) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(site, gateway, *reading, now) for reading in readings],
+        )
+        new = self.conn.total_changes - before
+        duplicates = len(readings) - new
+        if new:
+            self.conn.executemany(
+                "INSERT INTO latest (site, gateway, device, point, value, ts_ns, seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (site, gateway, device, point) DO UPDATE SET "
+                "value = excluded.value, ts_ns = excluded.ts_ns, seq = excluded.seq "
+                "WHERE excluded.seq > latest.seq",
+                [(site, gateway, r[2], r[3], r[4], r[1], r[0]) for r in readings],
+            )
+            self.conn.executemany(
+                "INSERT INTO devices (site, gateway, device, last_seen_ns) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (site, gateway, device) DO UPDATE SET "
+                "last_seen_ns = max(coalesce(devices.last_seen_ns, 0), excluded.last_seen_ns)",
+                sorted({(site, gateway, r[2], r[1]) for r in readings}),
+            )
+        self.conn.execute(
+            "UPDATE gateways SET received = received + ?, duplicates = duplicates + ?, "
+            "last_seq = max(last_seq, ?) WHERE site = ? AND gateway = ?",
+            (new, duplicates, readings[-1][0] if readings else 0, site, gateway),
+        )
+        return IngestResult(new, duplicates)
+
+    def record_state(self, site: str, gateway: str, state: GatewayState) -> None:
+        now = time.time_ns()
+        self._touch_gateway(site, gateway, now)
+        fields: dict[str, Any] = {"status": state.status.value, "reason": state.reason}
+        if state.status is Status.ONLINE:
+            fields["reason"] = None
+        if state.ts_ns is not None:
+            fields["state_ts_ns"] = state.ts_ns
+        if state.agent_version is not None:
+            fields["agent_version"] = state.agent_version
+        if state.keepalive_s is not None:
+            fields["keepalive_s"] = state.keepalive_s
+        if state.buffer is not None:
+            fields["buffer_depth"] = state.buffer.depth
+            fields["evicted"] = state.buffer.evicted
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        self.conn.execute(
+            f"UPDATE gateways SET {assignments} WHERE site = ? AND gateway = ?",
+            (*fields.values(), site, gateway),
+        )
+        for device in state.devices or []:
+            up = None if device.up is None else int(device.up)
+            self.conn.execute(
+                "INSERT INTO devices (site, gateway, device, profile, kind, up) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (site, gateway, device) DO UPDATE SET "
+                "profile = excluded.profile, kind = excluded.kind, up = excluded.up",
+                (site, gateway, device.id, device.profile, device.kind, up),
+            )
+
+    def record_event(self, site: str, gateway: str, event: Event) -> None:
+        now = time.time_ns()
+        self._touch_gateway(site, gateway, now)
+        self.conn.execute(
+            "INSERT INTO events (site, gateway, ts_ns, kind, device, message, data, received_ns) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                site,
+                gateway,
+                event.ts_ns,
+                event.kind.value,
+                event.device,
+                event.message,
+                json.dumps(event.data),
+                now,
+            ),
+        )
+        if event.device is not None and event.kind.value in ("device_up", "device_down"):
+            self.conn.execute(
+                "UPDATE devices SET up = ? WHERE site = ? AND gateway = ? AND device = ?",
+                (int(event.kind.value == "device_up"), site, gateway, event.device),
+            )
+
+    def record_rejected(self, topic: str, reason: str) -> None:
+        self.conn.execute(
+            "INSERT INTO rejected (topic, reason, received_ns) VALUES (?, ?, ?)",
+            (topic, reason[:2000], time.time_ns()),
+        )
+
+    # -- reads (the CLI) -----------------------------------------------------------------------
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        cursor = self.conn.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def gateways(self) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT g.*, (SELECT count(*) FROM devices d WHERE d.site = g.site "
+            "AND d.gateway = g.gateway) AS devices FROM gateways g ORDER BY site, gateway"
+        )
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT d.*, g.status AS gateway_status FROM devices d JOIN gateways g "
+            "USING (site, gateway) ORDER BY d.site, d.gateway, d.device"
+        )
+
+    def latest(self) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT l.*, d.profile, d.up, g.status AS gateway_status FROM latest l "
+            "JOIN devices d USING (site, gateway, device) JOIN gateways g USING (site, gateway) "
+            "ORDER BY l.site, l.gateway, l.device, l.point"
+        )
+
+    def find_device(self, name: str) -> list[dict[str, Any]]:
+        """Devices matching `device`, `gateway/device` or `site/gateway/device`."""
+        parts = name.split("/")
+        columns = ("site", "gateway", "device")[-len(parts) :] if len(parts) <= 3 else ()
+        if not columns:
+            return []
+        where = " AND ".join(f"{c} = ?" for c in columns)
+        return self._rows(f"SELECT * FROM devices WHERE {where}", parts)
+
+    def readings(
+        self, site: str, gateway: str, device: str, since_ns: int, limit: int
+    ) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT seq, ts_ns, point, value, quality FROM readings "
+            "WHERE site = ? AND gateway = ? AND device = ? AND ts_ns >= ? "
+            "ORDER BY seq DESC LIMIT ?",
+            (site, gateway, device, since_ns, limit),
+        )[::-1]
+
+    def rejected_count(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM rejected").fetchone()[0])
+
+
+class _Transaction:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")

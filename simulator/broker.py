@@ -1,0 +1,161 @@
+"""A private Mosquitto for the demo and the tests: generated config, loopback only, dual stack.
+
+The broker listens on one port on both 127.0.0.1 and ::1, keeps its own persistence file and
+log in its work folder, and is started in its own session so that stopping it stops everything
+it spawned. It is never the machine's own broker on 1883.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+def find_mosquitto() -> str:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in MOSQUITTO_CANDIDATES:
+        if Path(candidate).exists():
+            return candidate
+    raise BrokerError(
+        "mosquitto is not installed: run 'make install' (as root it installs the Debian package)"
+    )
+
+
+def free_port() -> int:
+    """A TCP port free on both 127.0.0.1 and ::1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as v4:
+            v4.bind(("127.0.0.1", 0))
+            port = int(v4.getsockname()[1])
+            try:
+                with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as v6:
+                    v6.bind(("::1", port))
+            except OSError:
+                continue
+            return port
+    raise BrokerError("no TCP port is free on both 127.0.0.1 and ::1")
+
+
+class MosquittoBroker:
+    def __init__(self, workdir: Path, port: int | None = None, *, max_queued: int = 1_000_000):
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.max_queued = max_queued
+        self.process: subprocess.Popen[bytes] | None = None
+        self.config_path = workdir / "mosquitto.conf"
+        self.log_path = workdir / "mosquitto.log"
+
+    def config_text(self) -> str:
+        user = "root" if os.geteuid() == 0 else os.environ.get("USER", "")
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            f"listener {self.port} ::1",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {self.workdir}/",
+            "autosave_interval 1",
+            "autosave_on_changes true",
+            f"max_queued_messages {self.max_queued}",
+            "max_inflight_messages 100",
+            f"log_dest file {self.log_path}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        ]
+        if user:
+            lines.insert(0, f"user {user}")
+        return "\n".join(lines) + "\n"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_text())
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.process = subprocess.Popen(
+            [find_mosquitto(), "-c", str(self.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise BrokerError(f"mosquitto exited at start: {err.strip()} ({self.log_tail()})")
+            if self._log_says_running(offset) and self._answers_connect():
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise BrokerError(f"mosquitto did not start within {timeout}s: {self.log_tail()}")
+
+    def _log_says_running(self, offset: int) -> bool:
+        if not self.log_path.exists():
+            return False
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            return b"running" in log.read()
+
+    def _answers_connect(self) -> bool:
+        """A real MQTT CONNECT/CONNACK round trip on both addresses."""
+        connect = bytes.fromhex("101000044d5154540402003c0004") + b"ping"
+        for host in ("127.0.0.1", "::1"):
+            try:
+                with socket.create_connection((host, self.port), timeout=1) as sock:
+                    sock.sendall(connect)
+                    if sock.recv(4)[:1] != b"\x20":
+                        return False
+            except OSError:
+                return False
+        return True
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 5 s; always reaps the process."""
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        if process.stderr:
+            process.stderr.close()
+        self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.stop()
+
+    def log_tail(self, lines: int = 5) -> str:
+        if not self.log_path.exists():
+            return "no log"
+        return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> MosquittoBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
