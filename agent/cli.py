@@ -93,3 +93,7 @@ def run(config_path: Path, log_level: str | None) -> None:
     except BufferError as exc:
         click.echo(f"campus-agent: buffer unusable: {exc}", err=True)
         sys.exit(EXIT_RUNTIME)
+
+
+if __name__ == "__main__":
+    main()

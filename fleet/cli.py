@@ -310,3 +310,7 @@ def schema_export(directory: Path) -> None:
 
     for path in export(directory):
         click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -108,9 +108,17 @@ class SimulatedModbusDevice:
                 registers[index] = register
 
 
+class ListenError(OSError):
+    """The simulator could not listen where the scenario says (port taken, address missing)."""
+
+
 async def serve_modbus_tcp(device: SimulatedModbusDevice, host: str, port: int) -> None:
-    """Serves until cancelled."""
+    """Listens, logs one 'listening' line, then serves until cancelled."""
     server = ModbusTcpServer(device.sim_device(), address=(host, port))
+    try:
+        await server.serve_forever(background=True)
+    except RuntimeError as exc:
+        raise ListenError(f"cannot listen on {host} port {port}: {exc}") from None
     log.info(
         "%s (%s) listening on %s port %d, unit %d",
         device.profile.model,
@@ -120,6 +128,6 @@ async def serve_modbus_tcp(device: SimulatedModbusDevice, host: str, port: int) 
         device.unit,
     )
     try:
-        await server.serve_forever()
+        await asyncio.Event().wait()
     finally:
         await asyncio.shield(server.shutdown())  # type: ignore[no-untyped-call]
