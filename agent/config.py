@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from drivers.profiles import ProfileLibrary
 from drivers.registry import PROTOCOL_OF_CONNECTION, Connection
@@ -54,14 +54,15 @@ class AgentConfig(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     devices: list[DeviceConfig] = []
 
-    @model_validator(mode="after")
-    def _unique_device_ids(self) -> AgentConfig:
+    @field_validator("devices")
+    @classmethod
+    def _unique_device_ids(cls, devices: list[DeviceConfig]) -> list[DeviceConfig]:
         seen: set[str] = set()
-        for device in self.devices:
+        for index, device in enumerate(devices):
             if device.id in seen:
-                raise ValueError(f"device id {device.id!r} is used twice")
+                raise ValueError(f"device id {device.id!r} is used twice (again at {index})")
             seen.add(device.id)
-        return self
+        return devices
 
 
 def load_config(path: Path) -> tuple[AgentConfig, ProfileLibrary]:

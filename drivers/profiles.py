@@ -14,7 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from drivers.modbus.codec import DataType, Table, WordOrder, register_count
 from wire.documents import load_document
@@ -90,11 +90,12 @@ class Profile(BaseModel):
     source: str = Field(description="where the register map comes from (manual, section)")
     points: Annotated[list[ModbusPoint], Field(min_length=1)]
 
-    @model_validator(mode="after")
-    def _points_do_not_clash(self) -> Profile:
+    @field_validator("points")
+    @classmethod
+    def _points_do_not_clash(cls, points: list[ModbusPoint]) -> list[ModbusPoint]:
         names: set[str] = set()
         taken: dict[tuple[Table, int], str] = {}
-        for point in self.points:
+        for point in points:
             if point.name in names:
                 raise ValueError(f"point name {point.name!r} is used twice")
             names.add(point.name)
@@ -105,7 +106,7 @@ class Profile(BaseModel):
                         f"points {other!r} and {point.name!r} overlap at {point.table} {address}"
                     )
                 taken[(point.table, address)] = point.name
-        return self
+        return points
 
     def point(self, name: str) -> ModbusPoint:
         for point in self.points:

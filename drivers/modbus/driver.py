@@ -61,10 +61,11 @@ def check_range(point: ModbusPoint, value: int | float | bool) -> str | None:
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return f"{value} is not a finite number"
+    shown = f"{value} {point.unit}".rstrip()
     if point.min is not None and value < point.min:
-        return f"{value} {point.unit} is below the profile's minimum {point.min}"
+        return f"{shown} is below the profile's minimum {point.min}"
     if point.max is not None and value > point.max:
-        return f"{value} {point.unit} is above the profile's maximum {point.max}"
+        return f"{shown} is above the profile's maximum {point.max}"
     return None
 
 
