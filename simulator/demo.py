@@ -128,7 +128,18 @@ class Demo:
         w = self.workdir
         self.spawn("simulator", [*command("campus-sim"), "run", str(w / "scenario.yaml")])
         self.spawn("fleet", [*command("campus-fleet"), "--config", str(w / "fleet.yaml"), "serve"])
+        self.wait_for_log("fleet", "subscribed to", timeout=20)
         self.spawn("agent", [*command("campus-agent"), "run", "--config", str(w / "agent.yaml")])
+
+    def wait_for_log(self, name: str, text: str, timeout: float) -> None:
+        """The fleet must be subscribed before the agent sends, or first readings go nowhere."""
+        deadline = time.monotonic() + timeout
+        log = self.workdir / f"{name}.log"
+        while text not in log.read_text(errors="replace"):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise DemoError(f"{name} did not log {text!r} within {timeout}s (see {log})")
+            time.sleep(0.05)
 
     def check_alive(self) -> None:
         for name, process in self.processes.items():

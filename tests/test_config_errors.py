@@ -1,4 +1,5 @@
-"""Bad configuration files stop a program at start: file, line and field named, exit 2, no traceback."""
+"""Bad configuration files stop a program at start: file, line and field named, exit 2,
+no traceback."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from tests.conftest import Processes, fleet_json, wait_for
 def start_system(processes: Processes, classroom: dict[str, Path]) -> None:
     processes.start("sim", "campus-sim", "run", str(classroom["scenario"]))
     processes.start("fleet", "campus-fleet", "--config", str(classroom["fleet"]), "serve")
+    wait_for(lambda: "subscribed to" in processes.log("fleet"), 15, what="fleet subscribed")
     processes.start("agent", "campus-agent", "run", "--config", str(classroom["agent"]))
 
 
@@ -31,8 +32,11 @@ def test_readings_reach_the_fleet_with_consecutive_sequence_numbers(
     processes: Processes, classroom: dict[str, Path]
 ) -> None:
     start_system(processes, classroom)
-    rows = wait_for(lambda: len(readings(classroom)) >= 50 and readings(classroom), 30,
-                    what="50 readings in the fleet")
+    rows = wait_for(
+        lambda: len(readings(classroom)) >= 50 and readings(classroom),
+        30,
+        what="50 readings in the fleet",
+    )
     seqs = [row["seq"] for row in rows]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "sequence numbers have holes"
     assert seqs[0] == 1

@@ -1,4 +1,5 @@
-"""The simulator speaks real Modbus: checked with mbpoll (an independent C master) and our driver."""
+"""The simulator speaks real Modbus: checked with mbpoll (an independent C master) and our
+driver."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ import pytest
 from drivers.modbus.driver import ModbusTcpConnection, ModbusTcpDriver, ModbusTcpPool
 from drivers.profiles import ProfileLibrary
 from simulator.broker import free_port
-from simulator.model import ClassroomAir, dew_point, occupied
 from simulator.modbus_server import SimulatedModbusDevice, serve_modbus_tcp
+from simulator.model import ClassroomAir, dew_point, occupied
 from tests.conftest import Processes, wait_for, write_yaml
 
 
 def mbpoll(port: int, *args: str) -> list[str]:
     result = subprocess.run(
         ["mbpoll", "-m", "tcp", "-a", "1", "-1", "-p", str(port), *args, "127.0.0.1"],
-        capture_output=True, text=True, timeout=10, check=False,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return re.findall(r"^\[(\d+)\]:\s+(\S+)", result.stdout, re.MULTILINE)  # type: ignore[return-value]
@@ -48,7 +52,8 @@ def test_campus_sim_answers_mbpoll(processes: Processes, tmp_path: Path) -> None
 def test_campus_sim_refuses_a_taken_port(processes: Processes, tmp_path: Path) -> None:
     port = free_port()
     scenario = write_yaml(
-        tmp_path / "s.yaml", {"devices": [{"id": "r1", "profile": "campussim-thc100", "port": port}]}
+        tmp_path / "s.yaml",
+        {"devices": [{"id": "r1", "profile": "campussim-thc100", "port": port}]},
     )
     processes.start("first", "campus-sim", "run", str(scenario))
     wait_for(lambda: "listening" in processes.log("first"), 10, what="first simulator")

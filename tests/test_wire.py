@@ -54,9 +54,11 @@ def test_building_a_topic_with_a_bad_id_fails() -> None:
 
 
 def test_agent_encoding_is_a_valid_batch_and_round_trips() -> None:
-    rows = [(5, 1_700_000_000_000_000_000, "room-1", "temperature", 21.5, 0),
-            (6, 1_700_000_000_100_000_000, "room-1", "co2", 812, 1),
-            (8, 1_700_000_000_200_000_000, "room-1", "power", "on", 0)]
+    rows = [
+        (5, 1_700_000_000_000_000_000, "room-1", "temperature", 21.5, 0),
+        (6, 1_700_000_000_100_000_000, "room-1", "co2", 812, 1),
+        (8, 1_700_000_000_200_000_000, "room-1", "power", "on", 0),
+    ]
     payload = encode_batch(rows, 1_700_000_001_000_000_000)
     batch = decode(TelemetryBatch, T, payload)
     assert batch.first_seq == 5 and batch.last_seq == 8
@@ -90,7 +92,9 @@ def test_bad_batches_are_refused_with_field_and_reason(mutate, field: str, reaso
         decode(TelemetryBatch, T, json.dumps(document))
     message = str(caught.value)
     assert T in message
-    assert any(p.field.startswith(field) or field in p.message for p in caught.value.problems), message
+    assert any(p.field.startswith(field) or field in p.message for p in caught.value.problems), (
+        message
+    )
     assert reason in message
 
 
@@ -119,7 +123,9 @@ def test_state_and_event_round_trip() -> None:
 def test_json_schema_export(tmp_path: Path) -> None:
     written = export(tmp_path)
     assert {p.name for p in written} == {
-        "telemetry.schema.json", "state.schema.json", "events.schema.json"
+        "telemetry.schema.json",
+        "state.schema.json",
+        "events.schema.json",
     }
     telemetry = json.loads((tmp_path / "telemetry.schema.json").read_text())
     assert telemetry["properties"]["readings"]["items"]["prefixItems"][0]["minimum"] == 1

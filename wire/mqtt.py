@@ -111,6 +111,7 @@ class MqttLink:
         self.client_id = client_id
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = asyncio.Event()
+        self._subscribed = asyncio.Event()
         self._filters: dict[str, int] = {}
         self._pending: dict[int, tuple[asyncio.Future[int], str]] = {}
         self._messages: asyncio.Queue[Message] = asyncio.Queue()
@@ -147,6 +148,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self._client = client
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -224,7 +226,12 @@ class MqttLink:
         for name in filters:
             self._filters[name] = qos
         if self.connected:
+            self._subscribed.clear()
             self._client.subscribe([(name, qos) for name in filters])
+
+    async def wait_subscribed(self, timeout: float | None = None) -> None:
+        """Waits for the broker's SUBACK of the remembered subscriptions on this connection."""
+        await asyncio.wait_for(self._subscribed.wait(), timeout)
 
     async def messages(self) -> AsyncIterator[Message]:
         while True:
@@ -283,6 +290,17 @@ class MqttLink:
     ) -> None:
         self._call(self._resolve, mid, reason_code.value, reason_code.is_failure, str(reason_code))
 
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        failures = [str(code) for code in reason_codes if code.is_failure]
+        self._call(self._set_subscribed, failures)
+
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         item = Message(
             message.topic, bytes(message.payload), message.qos, message.retain, message.mid
@@ -297,7 +315,15 @@ class MqttLink:
         self._connected.set()
         log.info("connected to MQTT broker %s:%s", self.settings.host, self.settings.port)
 
+    def _set_subscribed(self, failures: list[str]) -> None:
+        if failures:
+            log.error("broker refused subscriptions: %s", ", ".join(failures))
+            return
+        log.info("subscribed to %d topic filters", len(self._filters))
+        self._subscribed.set()
+
     def _set_disconnected(self, reason: str) -> None:
+        self._subscribed.clear()
         if self._connected.is_set():
             log.warning("MQTT connection lost: %s", reason)
         self._connected.clear()
