@@ -28,7 +28,7 @@ from simulator.broker import BrokerError, MosquittoBroker, free_port
 SITE = "demo-school"
 GATEWAY = "gw-main"
 POINTS = ("temperature", "humidity", "co2", "dew_point")
-UNITS = {"temperature": "°C", "humidity": "%RH", "co2": "ppm", "dew_point": "°C"}
+LABELS = {"temperature": "temp °C", "humidity": "RH %", "co2": "CO2 ppm", "dew_point": "dew pt °C"}
 
 
 class DemoError(RuntimeError):
@@ -199,10 +199,10 @@ class Demo:
                 f"  duplicates {g['duplicates']}\n"
             )
         table = Table(title="Devices and their latest readings")
-        table.add_column("device")
+        table.add_column("device", no_wrap=True)
         table.add_column("state")
         for point in POINTS:
-            table.add_column(f"{point} ({UNITS[point]})", justify="right")
+            table.add_column(LABELS[point], justify="right", no_wrap=True)
         table.add_column("seq", justify="right")
         table.add_column("age", justify="right")
         devices: dict[str, dict[str, Any]] = {}
