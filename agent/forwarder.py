@@ -109,9 +109,24 @@ class Forwarder:
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
+    async def _acknowledged(self, future: asyncio.Future[int]) -> None:
+        """Waits for the PUBACK; time spent disconnected does not count towards the timeout,
+        because paho re-sends the publish when the session resumes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ack_timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(future), max(0.05, deadline - loop.time()))
+                return
+            except TimeoutError:
+                if self.link.connected:
+                    raise
+                await self.link.wait_connected()
+                deadline = loop.time() + self.ack_timeout_s
+
     async def _settle(self, future: asyncio.Future[int], first: int, last: int, count: int) -> None:
         try:
-            await asyncio.wait_for(future, self.ack_timeout_s)
+            await self._acknowledged(future)
         except PublishRefused as exc:
             self.stats.refusals += 1
             self._failed = True

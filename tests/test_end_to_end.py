@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
 
-from tests.conftest import Processes, fleet_json, wait_for
+from tests.conftest import Processes, fleet_json, run_cli, wait_for
 
 
 def start_system(processes: Processes, classroom: dict[str, Path]) -> None:
@@ -17,9 +18,21 @@ def start_system(processes: Processes, classroom: dict[str, Path]) -> None:
 
 
 def readings(classroom: dict[str, Path]) -> list[dict[str, object]]:
-    if not (classroom["dir"] / "fleet.db").exists():
+    """The device's readings, or [] until the fleet knows it (exit code 3: no such device)."""
+    result = run_cli(
+        "campus-fleet",
+        "--config",
+        str(classroom["fleet"]),
+        "readings",
+        "room-7-env",
+        "--since",
+        "1h",
+        "--json",
+    )
+    if result.returncode == 3 or "no fleet database" in result.stderr:
         return []
-    return fleet_json(classroom["fleet"], "readings", "room-7-env", "--since", "1h")  # type: ignore[no-any-return]
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
 def gateway(classroom: dict[str, Path]) -> dict[str, object]:

@@ -5,7 +5,8 @@ paho runs its network loop in its own thread; every callback hops to the event l
 future resolved by the broker's PUBACK *with its reason code*: a refusal (e.g. 135 "not
 authorised") raises `PublishRefused` instead of passing for success. Subscriptions are
 remembered and renewed on every (re)connect; with `manual_ack` a message is acknowledged only
-when `ack()` is called.
+when `ack()` is called. Publishes in flight when the connection drops stay pending: paho re-sends
+them (DUP) when the session resumes, and their futures resolve then.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +120,9 @@ class MqttLink:
         self._messages: asyncio.Queue[Message] = asyncio.Queue()
         self._started = False
         self._clean_start = clean_start
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._connack_ok = False
         self.connects = 0
         self.last_error: str | None = None
 
@@ -128,7 +134,6 @@ class MqttLink:
         )
         client.max_inflight_messages_set(max_inflight)
         client.max_queued_messages_set(0)
-        client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
         if settings.username is not None:
             password = None
             if settings.password_file is not None:
@@ -161,14 +166,11 @@ class MqttLink:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = self.settings.session_expiry_s
         properties.ReceiveMaximum = self.settings.receive_maximum
-        self._client.connect_async(
-            self.settings.host,
-            self.settings.port,
-            keepalive=self.settings.keepalive_s,
-            clean_start=self._clean_start,
-            properties=properties,
+        self._stopping.clear()
+        self._thread = threading.Thread(
+            target=self._network, args=(properties,), name=f"mqtt-{self.client_id}", daemon=True
         )
-        self._client.loop_start()
+        self._thread.start()
 
     async def stop(self, *, final_publish: tuple[str, bytes] | None = None) -> None:
         """Disconnects cleanly; `final_publish` (topic, payload) is sent retained first, e.g. an
@@ -180,12 +182,54 @@ class MqttLink:
                 await asyncio.wait_for(
                     self.publish(final_publish[0], final_publish[1], qos=1, retain=True), 2.0
                 )
-        await asyncio.to_thread(self._client.disconnect)
-        await asyncio.to_thread(self._client.loop_stop)
+        self._stopping.set()
+        self._client.disconnect()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
         self._started = False
+        self._connected.clear()
+        self._fail_pending("MQTT link stopped")
+
+    def _network(self, properties: Properties) -> None:
+        """paho's network loop in our thread, with capped exponential back-off and jitter
+        between connection attempts (paho's own reconnect has no jitter: a building full of
+        gateways that lost the broker together would otherwise reconnect in lockstep)."""
+        delay = float(self.settings.reconnect_min_s)
+        first = True
+        while not self._stopping.is_set():
+            self._connack_ok = False
+            try:
+                if first:
+                    self._client.connect(
+                        self.settings.host,
+                        self.settings.port,
+                        keepalive=self.settings.keepalive_s,
+                        clean_start=self._clean_start,
+                        properties=properties,
+                    )
+                    first = False
+                else:
+                    self._client.reconnect()
+            except (OSError, ssl.SSLError) as exc:
+                self._call(self._set_error, f"cannot connect: {exc}")
+            else:
+                rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+                while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stopping.is_set():
+                    rc = self._client.loop(timeout=1.0)
+                if self._stopping.is_set():
+                    self._client.loop(timeout=0.2)  # let the DISCONNECT out
+                    break
+            if self._connack_ok:
+                delay = float(self.settings.reconnect_min_s)
+            wait = delay / 2 + random.uniform(0, delay / 2)
+            delay = min(delay * 2, float(self.settings.reconnect_max_s))
+            self._stopping.wait(wait)
+
+    def _fail_pending(self, reason: str) -> None:
         for future, _topic in self._pending.values():
             if not future.done():
-                future.set_exception(ConnectionLost("MQTT link stopped"))
+                future.set_exception(ConnectionLost(reason))
         self._pending.clear()
 
     async def __aenter__(self) -> Self:
@@ -266,6 +310,7 @@ class MqttLink:
         if reason_code.is_failure:
             self._call(self._set_error, f"connection refused: {reason_code}")
             return
+        self._connack_ok = True
         if self._filters:
             client.subscribe(list(self._filters.items()))
         self._call(self._set_connected)
