@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from drivers.profiles import ProfileLibrary
 from drivers.registry import PROTOCOL_OF_CONNECTION, Connection
@@ -25,8 +25,21 @@ class _Section(BaseModel):
 
 class BufferSettings(_Section):
     path: Path = Path("/var/lib/campus-agent/buffer.db")
+    max_mb: Annotated[float, Field(ge=0.1, le=1_000_000)] = 256.0
     commit_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     commit_max_readings: Annotated[int, Field(ge=1)] = 5000
+
+
+class ClockSettings(_Section):
+    sync_check: Literal["adjtimex", "none", "file"] = "adjtimex"
+    file: Path | None = None
+    hold_unsynced_s: Annotated[float, Field(ge=0)] = 300.0
+
+    @model_validator(mode="after")
+    def _file_when_needed(self) -> ClockSettings:
+        if self.sync_check == "file" and self.file is None:
+            raise ValueError("sync_check 'file' needs 'file: PATH'")
+        return self
 
 
 class ForwarderSettings(_Section):
@@ -49,6 +62,7 @@ class AgentConfig(_Section):
     mqtt: MqttSettings = MqttSettings()
     buffer: BufferSettings = BufferSettings()
     forwarder: ForwarderSettings = ForwarderSettings()
+    clock: ClockSettings = ClockSettings()
     profiles_dir: Path | None = None
     state_interval_s: Annotated[float, Field(ge=1)] = 60.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from agent.buffer import Buffer
+from agent.buffer import Buffer, Priority, Stamp
+from agent.clock import Clock
 from agent.config import DeviceConfig
 from agent.events import EventQueue
 from drivers.base import Driver
 from drivers.errors import DriverError
-from wire.models import EventKind
+from wire.models import EventKind, Quality
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +39,22 @@ class DeviceHealth:
 
 
 class Coordinator:
-    def __init__(self, buffer: Buffer, events: EventQueue) -> None:
+    def __init__(self, buffer: Buffer, events: EventQueue, clock: Clock) -> None:
         self.buffer = buffer
         self.events = events
+        self.clock = clock
+        self._priorities: dict[str, dict[str, int]] = {}
         self.health: dict[str, DeviceHealth] = {}
         self._bus_locks: dict[str, asyncio.Lock] = {}
         self._rejected_points: dict[tuple[str, str], str] = {}
 
-    def add(self, device: DeviceConfig, driver: Driver) -> _DeviceLoop:
+    def add(
+        self, device: DeviceConfig, driver: Driver, priorities: Mapping[str, str] | None = None
+    ) -> _DeviceLoop:
         self.health[device.id] = DeviceHealth()
+        self._priorities[device.id] = {
+            point: Priority[level.upper()] for point, level in (priorities or {}).items()
+        }
         lock = self._bus_locks.setdefault(driver.bus, asyncio.Lock())
         return _DeviceLoop(self, device, driver, lock)
 
@@ -60,12 +68,13 @@ class Coordinator:
             reason = str(exc) or type(exc).__name__
             self._failed(device.id, health, reason)
             return False
-        ts_ns = time.time_ns()
+        stamp = self.stamp()
+        priorities = self._priorities[device.id]
         for point, value in result.values:
-            self.buffer.add(ts_ns, device.id, point, value)
+            self.buffer.add(stamp, device.id, point, value, priorities.get(point, Priority.NORMAL))
         self._report_rejected(device.id, health, result.rejected)
         health.consecutive_failures = 0
-        health.last_success_ns = ts_ns
+        health.last_success_ns = stamp.ts_ns
         if health.up is not True:
             if health.up is False:
                 log.info("device %s is back (%s)", device.id, driver.bus)
@@ -73,6 +82,10 @@ class Coordinator:
             health.up = True
             health.last_error = None
         return True
+
+    def stamp(self) -> Stamp:
+        quality = Quality.GOOD if self.clock.synced() else Quality.CLOCK_UNSYNCED
+        return Stamp(self.clock.wall_ns(), self.clock.mono_ns(), int(quality))
 
     def _failed(self, device_id: str, health: DeviceHealth, reason: str) -> None:
         health.failures += 1

@@ -1,39 +1,26 @@
 """Events the agent tells the fleet about (device up/down, rejected input, buffer trouble).
 
-Events wait in a bounded queue until the MQTT link can take them; when the queue is full the oldest
-are dropped and counted, so a long outage cannot grow memory without bound.
+Events are kept in the buffer's `events` table, so they survive outages and restarts like
+readings do, and are evicted only after every reading.
 """
 
 from __future__ import annotations
 
-import collections
-import time
+from collections.abc import Callable
 from typing import Any
 
-from wire.models import Event, EventKind
+from agent.buffer import Buffer, event_json
+from wire.models import EventKind
 
 
 class EventQueue:
-    def __init__(self, capacity: int = 1000) -> None:
-        self._events: collections.deque[Event] = collections.deque(maxlen=capacity)
-        self.dropped = 0
+    def __init__(self, buffer: Buffer, wall_ns: Callable[[], int]) -> None:
+        self.buffer = buffer
+        self.wall_ns = wall_ns
         self.raised = 0
 
     def raise_event(
         self, kind: EventKind, message: str, device: str | None = None, **data: Any
     ) -> None:
-        if len(self._events) == self._events.maxlen:
-            self.dropped += 1
         self.raised += 1
-        self._events.append(
-            Event(ts_ns=time.time_ns(), kind=kind, device=device, message=message, data=data)
-        )
-
-    def peek(self) -> Event | None:
-        return self._events[0] if self._events else None
-
-    def pop(self) -> None:
-        self._events.popleft()
-
-    def __len__(self) -> int:
-        return len(self._events)
+        self.buffer.add_event(event_json(self.wall_ns(), kind, message, device, **data))

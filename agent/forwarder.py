@@ -9,9 +9,11 @@ a reading is re-sent rather than lost, and the fleet's (gateway, seq) dedup abso
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.buffer import Buffer, Row
@@ -48,6 +50,10 @@ class ForwarderStats:
 
 
 class Forwarder:
+    """Two lanes share the window: *live* (readings committed since this connection began) goes
+    first, the *backlog* (everything older) takes the remaining slots but never the last one. So a
+    day of backlog drains at full speed while today's alarm still leaves within one batch."""
+
     def __init__(
         self,
         buffer: Buffer,
@@ -58,22 +64,26 @@ class Forwarder:
         batch_max: int = 1000,
         window: int = 8,
         ack_timeout_s: float = 30.0,
+        may_send: Callable[[], bool] = lambda: True,
     ) -> None:
         self.buffer = buffer
         self.link = link
         self.topic = topic
         self.events = events
         self.batch_max = batch_max
+        self.window = window
         self.ack_timeout_s = ack_timeout_s
+        self.may_send = may_send
         self.stats = ForwarderStats()
-        self._window = asyncio.Semaphore(window)
-        self._new_data = asyncio.Event()
+        self._slots = asyncio.Semaphore(window)
+        self._wake = asyncio.Event()
         self._failed = False
+        self._backlog_in_flight = 0
         self._in_flight: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
         """Called after readings were committed to the buffer."""
-        self._new_data.set()
+        self._wake.set()
 
     async def run(self) -> None:
         while True:
@@ -87,25 +97,44 @@ class Forwarder:
                 self.stats.rewinds += 1
                 await asyncio.sleep(REFUSAL_BACKOFF_S if self.stats.refusals else 0.5)
 
+    async def _sleep_until_woken(self, timeout: float = 1.0) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _next_batch(self, live: int, backlog: int, live_from: int) -> tuple[list[Row], bool]:
+        rows = self.buffer.take(live, self.batch_max)
+        if rows:
+            return rows, False
+        if backlog < live_from and self._backlog_in_flight < max(1, self.window - 1):
+            return self.buffer.take(backlog, self.batch_max, upto_seq=live_from), True
+        return [], False
+
     async def _drain(self) -> None:
-        cursor = 0
+        live_from = self.buffer.last_seq
+        live, backlog = live_from, 0
         while self.link.connected and not self._failed:
-            await self._window.acquire()
-            rows = self.buffer.take(cursor, self.batch_max)
-            if not rows:
-                self._window.release()
-                self._new_data.clear()
-                if self._failed or not self.link.connected:
-                    return
-                waiter = asyncio.ensure_future(self._new_data.wait())
-                done, _ = await asyncio.wait({waiter}, timeout=1.0)
-                if not done:
-                    waiter.cancel()
+            if not self.may_send():
+                await self._sleep_until_woken()
                 continue
-            cursor = rows[-1][0]
+            await self._slots.acquire()
+            rows, from_backlog = self._next_batch(live, backlog, live_from)
+            if not rows:
+                self._slots.release()
+                if backlog < live_from and self._backlog_in_flight == 0:
+                    backlog = live_from  # the backlog has been sent
+                await self._sleep_until_woken()
+                continue
+            if from_backlog:
+                backlog = rows[-1][0]
+                self._backlog_in_flight += 1
+            else:
+                live = rows[-1][0]
             future = self.link.publish(self.topic, encode_batch(rows, time.time_ns()), qos=1)
             self.stats.batches_sent += 1
-            task = asyncio.create_task(self._settle(future, rows[0][0], rows[-1][0], len(rows)))
+            task = asyncio.create_task(
+                self._settle(future, rows[0][0], rows[-1][0], len(rows), from_backlog)
+            )
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
@@ -124,7 +153,9 @@ class Forwarder:
                 await self.link.wait_connected()
                 deadline = loop.time() + self.ack_timeout_s
 
-    async def _settle(self, future: asyncio.Future[int], first: int, last: int, count: int) -> None:
+    async def _settle(
+        self, future: asyncio.Future[int], first: int, last: int, count: int, from_backlog: bool
+    ) -> None:
         try:
             await self._acknowledged(future)
         except PublishRefused as exc:
@@ -151,4 +182,7 @@ class Forwarder:
             self.buffer.delete_range(first, last)
             self.stats.readings_acked += count
         finally:
-            self._window.release()
+            if from_backlog:
+                self._backlog_in_flight -= 1
+            self._slots.release()
+            self._wake.set()

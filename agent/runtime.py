@@ -1,4 +1,4 @@
-"""The agent process: wires the coordinator, buffer, forwarder and MQTT link, and runs them.
+"""The agent process: wires the clock, coordinator, buffer, forwarder and MQTT link, and runs them.
 
 Everything runs in one TaskGroup. A planned stop commits the buffer, publishes a retained
 'offline' state and disconnects; a crash leaves the broker to publish the Last Will.
@@ -8,31 +8,55 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from agent import __version__
 from agent.buffer import Buffer
+from agent.clock import Clock, FileClock, SystemClock, boot_id
 from agent.config import AgentConfig
 from agent.coordinator import Coordinator
 from agent.events import EventQueue
 from agent.forwarder import Forwarder
 from drivers.profiles import ProfileLibrary
 from drivers.registry import DriverFactory
-from wire.models import BufferState, DeviceState, GatewayState, Status, encode
+from wire.models import (
+    BufferState,
+    DeviceState,
+    EventKind,
+    GatewayState,
+    Quality,
+    Status,
+    encode,
+)
 from wire.mqtt import MqttError, MqttLink, Will
 from wire.topics import Channel, topic
 
 log = logging.getLogger(__name__)
 
+CLOCK_STEP_EVENT_S = 2.0
+
+
+def make_clock(config: AgentConfig) -> Clock:
+    settings = config.clock
+    if settings.sync_check == "file" and settings.file is not None:
+        return FileClock(settings.file)
+    return SystemClock(check_sync=settings.sync_check == "adjtimex")
+
 
 class Agent:
-    def __init__(self, config: AgentConfig, profiles: ProfileLibrary) -> None:
+    def __init__(self, config: AgentConfig, profiles: ProfileLibrary, clock: Clock | None = None):
         self.config = config
         self.profiles = profiles
-        self.started_ns = time.time_ns()
-        self.buffer = Buffer(config.buffer.path)
-        self.events = EventQueue()
-        self.coordinator = Coordinator(self.buffer, self.events)
+        self.clock = clock or make_clock(config)
+        self.started_ns = self.clock.wall_ns()
+        self.started_mono_ns = self.clock.mono_ns()
+        self.buffer = Buffer(
+            config.buffer.path,
+            max_bytes=int(config.buffer.max_mb * 1_000_000),
+            boot_id=boot_id(),
+            wall_ns=self.clock.wall_ns,
+        )
+        self.events = EventQueue(self.buffer, self.clock.wall_ns)
+        self.coordinator = Coordinator(self.buffer, self.events, self.clock)
         self.drivers = DriverFactory()
         self._topics = {ch: topic(config.site, config.gateway, ch) for ch in Channel}
         offline = GatewayState(status=Status.OFFLINE, reason="connection lost")
@@ -50,7 +74,16 @@ class Agent:
             batch_max=config.forwarder.batch_max_readings,
             window=config.forwarder.window,
             ack_timeout_s=config.forwarder.ack_timeout_s,
+            may_send=self.may_send,
         )
+        self._events_wake = asyncio.Event()
+
+    def may_send(self) -> bool:
+        """Readings wait for a synced clock (to be corrected first), but not for ever."""
+        if self.clock.synced():
+            return True
+        held_s = (self.clock.mono_ns() - self.started_mono_ns) / 1e9
+        return held_s >= self.config.clock.hold_unsynced_s
 
     def state(self, status: Status = Status.ONLINE, reason: str | None = None) -> GatewayState:
         stats = self.buffer.stats()
@@ -66,12 +99,18 @@ class Agent:
         return GatewayState(
             status=status,
             reason=reason,
-            ts_ns=time.time_ns(),
+            ts_ns=self.clock.wall_ns(),
             agent_version=__version__,
             started_ns=self.started_ns,
+            clock_synced=self.clock.synced(),
             keepalive_s=self.config.mqtt.keepalive_s,
             buffer=BufferState(
-                depth=stats.depth, bytes=stats.bytes, evicted=stats.evicted, last_seq=stats.last_seq
+                depth=stats.depth,
+                bytes=stats.bytes,
+                evicted=stats.evicted,
+                lost=stats.lost,
+                events=stats.events,
+                last_seq=stats.last_seq,
             ),
             devices=devices,
         )
@@ -79,13 +118,19 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         self.buffer.open()
         log.info(
-            "agent %s/%s starting: %d devices, buffer %s (last seq %d)",
+            "agent %s/%s starting: %d devices, buffer %s (last seq %d, %d readings waiting)",
             self.config.site,
             self.config.gateway,
             len(self.config.devices),
             self.config.buffer.path,
             self.buffer.last_seq,
+            self.buffer.depth,
         )
+        if not self.clock.synced():
+            log.warning(
+                "clock not synced: readings are marked, held up to %.0fs, corrected once synced",
+                self.config.clock.hold_unsynced_s,
+            )
         await self.link.start()
         try:
             async with asyncio.TaskGroup() as group:
@@ -94,12 +139,13 @@ class Agent:
                     group.create_task(self.forwarder.run(), name="forwarder"),
                     group.create_task(self._state_publisher(), name="state"),
                     group.create_task(self._event_sender(), name="events"),
+                    group.create_task(self._clock_watch(), name="clock"),
                 ]
                 for device in self.config.devices:
-                    driver = self.drivers.build(
-                        self.profiles.get(device.profile), device.connection
-                    )
-                    loop = self.coordinator.add(device, driver)
+                    profile = self.profiles.get(device.profile)
+                    driver = self.drivers.build(profile, device.connection)
+                    priorities = {point.name: point.priority for point in profile.points}
+                    loop = self.coordinator.add(device, driver, priorities)
                     tasks.append(group.create_task(loop.run(), name=f"poll:{device.id}"))
                 await stop.wait()
                 for task in tasks:
@@ -112,22 +158,45 @@ class Agent:
         payload = encode(self.state(Status.OFFLINE, reason="agent stopped"))
         await self.link.stop(final_publish=(self._topics[Channel.STATE], payload))
         await self.drivers.close()
-        depth = self.buffer.stats().depth
+        depth = self.buffer.depth
         self.buffer.close()
         log.info("agent stopped; %d readings still buffered", depth)
 
     async def _committer(self) -> None:
         interval = self.config.buffer.commit_interval_s
         limit = self.config.buffer.commit_max_readings
+        loop = asyncio.get_running_loop()
         while True:
-            deadline = asyncio.get_running_loop().time() + interval
-            while self.buffer.pending < limit:
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    break
-                await asyncio.sleep(min(remaining, 0.05))
+            deadline = loop.time() + interval
+            while self.buffer.pending < limit and (remaining := deadline - loop.time()) > 0:
+                await asyncio.sleep(min(remaining, 0.25))
             if self.buffer.commit():
                 self.forwarder.wake()
+            self._events_wake.set()
+
+    async def _clock_watch(self) -> None:
+        """Corrects unsynced readings when sync arrives; reports steps of a synced clock."""
+        was_synced = self.clock.synced()
+        offset = self.clock.wall_ns() - self.clock.mono_ns()
+        while True:
+            await asyncio.sleep(1.0)
+            synced = self.clock.synced()
+            new_offset = self.clock.wall_ns() - self.clock.mono_ns()
+            if synced and not was_synced:
+                corrected = self.buffer.correct_unsynced(
+                    new_offset, int(Quality.CLOCK_UNSYNCED), int(Quality.CLOCK_CORRECTED)
+                )
+                log.info("clock synced: %d buffered readings re-stamped", corrected)
+                self.forwarder.wake()
+            elif synced and abs(new_offset - offset) > CLOCK_STEP_EVENT_S * 1e9:
+                step_s = (new_offset - offset) / 1e9
+                log.warning("clock stepped by %+.1f s", step_s)
+                self.events.raise_event(
+                    EventKind.CLOCK_STEP,
+                    f"clock stepped by {step_s:+.1f} s",
+                    step_s=round(step_s, 3),
+                )
+            was_synced, offset = synced, new_offset
 
     async def _state_publisher(self) -> None:
         connects_seen = 0
@@ -155,16 +224,19 @@ class Agent:
 
     async def _event_sender(self) -> None:
         while True:
-            event = self.events.peek()
-            if event is None or not self.link.connected:
-                await asyncio.sleep(0.2)
+            await self.link.wait_connected()
+            event = self.buffer.take_event()
+            if event is None:
+                self._events_wake.clear()
+                await self._events_wake.wait()
                 continue
+            event_id, payload = event
             try:
                 await asyncio.wait_for(
-                    self.link.publish(self._topics[Channel.EVENTS], encode(event), qos=1), 10
+                    self.link.publish(self._topics[Channel.EVENTS], payload.encode(), qos=1), 10
                 )
             except (MqttError, TimeoutError) as exc:
                 log.info("event not published yet: %s", exc)
                 await asyncio.sleep(1)
                 continue
-            self.events.pop()
+            self.buffer.delete_event(event_id)

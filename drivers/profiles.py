@@ -48,6 +48,9 @@ class ModbusPoint(BaseModel):
     min: float | None = None
     max: float | None = None
     writable: bool = False
+    priority: Literal["low", "normal", "high"] = Field(
+        "normal", description="buffer eviction order: low goes first, high (alarms) last"
+    )
 
     @property
     def count(self) -> int:

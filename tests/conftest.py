@@ -154,6 +154,7 @@ def classroom(tmp_path: Path, broker: MosquittoBroker) -> dict[str, Path]:
             "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive_s": 2},
             "buffer": {"path": str(tmp_path / "buffer.db"), "commit_interval_s": 0.2},
             "state_interval_s": 5,
+            "clock": {"sync_check": "none"},
             "devices": [
                 {
                     "id": "room-7-env",

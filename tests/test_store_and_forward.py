@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 
-from agent.buffer import Buffer
+from agent.buffer import Buffer, Stamp
 from agent.events import EventQueue
 from agent.forwarder import Forwarder, encode_batch
 from fleet.config import FleetConfig
@@ -39,11 +40,13 @@ async def test_every_reading_once_and_repeats_counted(
     buffer = Buffer(tmp_path / "buffer.db")
     buffer.open()
     for i in range(5000):
-        buffer.add(1_700_000_000_000_000_000 + i, f"room-{i % 7}", "co2", 400 + i % 100)
+        buffer.add(Stamp(1_700_000_000_000_000_000 + i, i, 0), f"room-{i % 7}", "co2", 400 + i)
     buffer.commit()
     telemetry = topic(site, "gw-1", Channel.TELEMETRY)
     async with MqttLink(mqtt, f"agent-{site}") as link:
-        forwarder = Forwarder(buffer, link, telemetry, EventQueue(), batch_max=300, window=4)
+        forwarder = Forwarder(
+            buffer, link, telemetry, EventQueue(buffer, time.time_ns), batch_max=300, window=4
+        )
         forward_task = asyncio.create_task(forwarder.run())
         await wait_until(lambda: fleet.ingest.counters.readings == 5000)
         await wait_until(lambda: buffer.stats().depth == 0)  # PUBACKs reach the agent

@@ -75,6 +75,8 @@ class BufferState(_Message):
     depth: Annotated[int, Field(ge=0)] = 0
     bytes: Annotated[int, Field(ge=0)] = 0
     evicted: Annotated[int, Field(ge=0)] = 0
+    lost: Annotated[int, Field(ge=0)] = 0
+    events: Annotated[int, Field(ge=0)] = 0
     last_seq: Annotated[int, Field(ge=0)] = 0
 
 
@@ -107,6 +109,7 @@ class EventKind(StrEnum):
     REJECTED_INPUT = "rejected_input"
     BUFFER_EVICTION = "buffer_eviction"
     BUFFER_RESET = "buffer_reset"
+    CLOCK_STEP = "clock_step"
     ALARM = "alarm"
 
 
