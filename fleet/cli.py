@@ -62,6 +62,20 @@ pass_context = click.make_pass_decorator(Context)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
+def _set_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        ctx.ensure_object(Context).config_path = value
+
+
+config_option = click.option(
+    "--config",
+    type=click.Path(path_type=Path),
+    expose_value=False,
+    callback=_set_config,
+    help="Fleet configuration file (same as the option before the command).",
+)
+
+
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
@@ -101,6 +115,7 @@ def main(ctx: click.Context, config_path: Path, db_path: Path | None) -> None:
     \b
     Examples:
       campus-fleet serve --config /etc/campus-iot/fleet.yaml
+      campus-fleet --config /etc/campus-iot/fleet.yaml gateways list
       campus-fleet gateways list
       campus-fleet devices list --json
       campus-fleet readings room-101-env --since 15m
@@ -109,6 +124,7 @@ def main(ctx: click.Context, config_path: Path, db_path: Path | None) -> None:
 
 
 @main.command()
+@config_option
 @pass_context
 def serve(ctx: Context) -> None:
     """Run the fleet service until SIGTERM or Ctrl-C."""
@@ -136,6 +152,7 @@ def gateways() -> None:
 
 
 @gateways.command("list")
+@config_option
 @json_option
 @pass_context
 def gateways_list(ctx: Context, as_json: bool) -> None:
@@ -187,6 +204,7 @@ def devices() -> None:
 
 
 @devices.command("list")
+@config_option
 @json_option
 @pass_context
 def devices_list(ctx: Context, as_json: bool) -> None:
@@ -235,6 +253,7 @@ def devices_list(ctx: Context, as_json: bool) -> None:
 
 
 @main.command()
+@config_option
 @click.argument("device")
 @click.option(
     "--since",

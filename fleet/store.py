@@ -40,7 +40,9 @@ class Store:
         db = self.db
         if db.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             db.conn.execute("PRAGMA journal_mode=WAL")
-        db.conn.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a message is acknowledged to the broker after its commit, so the commit must be
+        # on disk when it returns, or a power cut would lose what the broker already let go of.
+        db.conn.execute("PRAGMA synchronous=FULL")
         if "gateways" in db.table_names():
             return
         with self.transaction():

@@ -153,18 +153,22 @@ class Demo:
     # -- tear-down -----------------------------------------------------------------------------
 
     def stop(self) -> None:
-        for process in self.processes.values():
+        """The agent first, so its 'offline' state reaches the fleet; then the rest."""
+        for name in ("agent", "simulator", "fleet"):
+            process = self.processes.get(name)
+            if process is None:
+                continue
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for process in self.processes.values():
             try:
-                process.wait(max(0.1, deadline - time.monotonic()))
+                process.wait(10)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+            if name == "agent":
+                time.sleep(0.3)  # let the fleet store the agent's last state
         self.broker.stop()
         for log in self._logs:
             log.close()

@@ -109,12 +109,9 @@ def test_eviction_takes_low_priority_first_then_oldest_and_alarms_last(tmp_path:
         fill(buffer, 1000, Priority.NORMAL, "co2")
     assert buffer.evicted > 0
     assert buffer.used_bytes() <= 400_000
-    remaining = {
-        point: count
-        for point, count in buffer.db.execute(
-            "SELECT point, count(*) FROM readings GROUP BY point"
-        ).fetchall()
-    }
+    remaining = dict(
+        buffer.db.execute("SELECT point, count(*) FROM readings GROUP BY point").fetchall()
+    )
     assert remaining["alarm"] == 2000, "alarms are evicted last"
     assert "noise" not in remaining, "low priority goes first"
     normal = [r[0] for r in buffer.db.execute("SELECT seq FROM readings WHERE point='co2'")]

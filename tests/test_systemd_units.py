@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,21 @@ def test_sim_is_dynamic_and_stateless() -> None:
     assert single(values, "DynamicUser") == "yes"
     assert "User" not in values
     assert "StateDirectory" not in values
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_exec_start_is_a_command_line_the_program_accepts(name: str) -> None:
+    """The unit's arguments parse: the same command with the venv's script and --help added
+    exits 0 (an unknown option or command would exit 2)."""
+    argv = EXEC_START[name].split()
+    script = Path(sys.executable).parent / Path(argv[0]).name
+    result = subprocess.run(
+        [str(script), *argv[1:], "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_a_bad_configuration_is_not_restarted_for_ever(name: str) -> None:
+    service = parse_unit(UNIT_DIR / name)["Service"]
+    assert service["RestartPreventExitStatus"] == ["2"]

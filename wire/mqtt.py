@@ -19,7 +19,6 @@ import ssl
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Self
 
 import paho.mqtt.client as paho
@@ -27,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FilePath
 
 from wire.errors import WireError
 
@@ -36,9 +35,9 @@ log = logging.getLogger(__name__)
 
 class TlsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    ca_file: Path
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: FilePath
+    cert_file: FilePath | None = None
+    key_file: FilePath | None = None
 
 
 class MqttSettings(BaseModel):
@@ -49,7 +48,7 @@ class MqttSettings(BaseModel):
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
     keepalive_s: Annotated[int, Field(ge=2, le=3600)] = 30
     username: str | None = None
-    password_file: Path | None = None
+    password_file: FilePath | None = None
     tls: TlsSettings | None = None
     session_expiry_s: Annotated[int, Field(ge=0)] = 86_400
     receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 100
