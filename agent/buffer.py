@@ -153,6 +153,11 @@ class Buffer:
             raise BufferError("the file is damaged (quick_check failed)")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        # Keep the WAL small next to the cap: checkpoint after 1/8 of it (4 MB at most), and
+        # truncate the WAL file back after a checkpoint.
+        wal_pages = 1000 if self.max_bytes is None else max(16, min(1000, self.max_bytes // 32768))
+        db.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
+        db.execute(f"PRAGMA journal_size_limit={wal_pages * 4096 * 2}")
         db.execute(f"PRAGMA application_id={APPLICATION_ID}")
         db.executescript(
             """

@@ -77,10 +77,11 @@ class Agent:
             may_send=self.may_send,
         )
         self._events_wake = asyncio.Event()
+        self._clock_ready = False  # synced, and buffered readings corrected
 
     def may_send(self) -> bool:
         """Readings wait for a synced clock (to be corrected first), but not for ever."""
-        if self.clock.synced():
+        if self._clock_ready:
             return True
         held_s = (self.clock.mono_ns() - self.started_mono_ns) / 1e9
         return held_s >= self.config.clock.hold_unsynced_s
@@ -175,18 +176,20 @@ class Agent:
             self._events_wake.set()
 
     async def _clock_watch(self) -> None:
-        """Corrects unsynced readings when sync arrives; reports steps of a synced clock."""
-        was_synced = self.clock.synced()
+        """Corrects unsynced readings when sync arrives (before the forwarder may send them);
+        reports steps of a synced clock."""
         offset = self.clock.wall_ns() - self.clock.mono_ns()
+        was_synced = False
         while True:
-            await asyncio.sleep(1.0)
             synced = self.clock.synced()
             new_offset = self.clock.wall_ns() - self.clock.mono_ns()
             if synced and not was_synced:
                 corrected = self.buffer.correct_unsynced(
                     new_offset, int(Quality.CLOCK_UNSYNCED), int(Quality.CLOCK_CORRECTED)
                 )
-                log.info("clock synced: %d buffered readings re-stamped", corrected)
+                if corrected:
+                    log.info("clock synced: %d buffered readings re-stamped", corrected)
+                self._clock_ready = True
                 self.forwarder.wake()
             elif synced and abs(new_offset - offset) > CLOCK_STEP_EVENT_S * 1e9:
                 step_s = (new_offset - offset) / 1e9
@@ -197,6 +200,7 @@ class Agent:
                     step_s=round(step_s, 3),
                 )
             was_synced, offset = synced, new_offset
+            await asyncio.sleep(1.0)
 
     async def _state_publisher(self) -> None:
         connects_seen = 0

@@ -76,6 +76,13 @@ config_option = click.option(
 )
 
 
+def since_option(text: str) -> int:
+    try:
+        return parse_since(text, time.time_ns())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+
+
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
@@ -276,11 +283,7 @@ def readings(ctx: Context, device: str, since: str, limit: int, as_json: bool) -
     DEVICE is a device id, or gateway/device or site/gateway/device when the id alone is
     ambiguous.
     """
-    now = time.time_ns()
-    try:
-        since_ns = parse_since(since, now)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from None
+    since_ns = since_option(since)
     store = ctx.store()
     matches = store.find_device(device)
     if not matches:
@@ -313,6 +316,102 @@ def readings(ctx: Context, device: str, since: str, limit: int, as_json: bool) -
         table.add_column(column, justify="right" if column in ("seq", "value") else "left")
     for r in rows:
         table.add_row(str(r["seq"]), iso(r["ts_ns"]) or "", r["point"], show_value(r["value"]))
+    console.print(table)
+
+
+@main.command()
+@config_option
+@json_option
+@pass_context
+def stats(ctx: Context, as_json: bool) -> None:
+    """Delivery accounting per gateway: received, duplicates, gaps, evicted.
+
+    \b
+    received    readings stored (each (gateway, seq) once)
+    duplicates  readings that arrived again and were not stored twice
+    gaps        sequence ranges below last_seq that have not arrived (yet)
+    evicted     readings the agent dropped from its full buffer (as it reported)
+    lost        readings the agent could not store at all (disk full)
+    """
+    rows = ctx.store().stats()
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table(title="Delivery per gateway")
+    for column in (
+        "gateway",
+        "received",
+        "duplicates",
+        "last seq",
+        "missing",
+        "gaps",
+        "evicted",
+        "lost",
+        "buffered",
+    ):
+        table.add_column(column, justify="left" if column in ("gateway", "gaps") else "right")
+    for r in rows:
+        gaps = ", ".join(f"{a}..{b}" if a != b else str(a) for a, b in r["gaps"][:3])
+        if len(r["gaps"]) > 3:
+            more = "many" if r["gaps_truncated"] else str(len(r["gaps"]) - 3)
+            gaps += f" (+{more} more)"
+        table.add_row(
+            f"{r['site']}/{r['gateway']}",
+            str(r["received"]),
+            str(r["duplicates"]),
+            str(r["last_seq"]),
+            str(r["missing"]),
+            gaps or "-",
+            str(r["evicted"]),
+            str(r["lost"]),
+            "-" if r["buffer_depth"] is None else str(r["buffer_depth"]),
+        )
+    console.print(table)
+
+
+@main.command()
+@config_option
+@click.option(
+    "--since",
+    default="1d",
+    show_default=True,
+    help="How far back: 30s, 15m, 2h, 1d, 1w, or an ISO 8601 time.",
+)
+@click.option("--limit", type=click.IntRange(1, 100_000), default=200, show_default=True)
+@json_option
+@pass_context
+def events(ctx: Context, since: str, limit: int, as_json: bool) -> None:
+    """Events the gateways reported: devices up/down, rejected input, buffer trouble, clock."""
+    since_ns = since_option(since)
+    rows = ctx.store().events(since_ns, limit)
+    if as_json:
+        emit_json(
+            [
+                {
+                    "site": r["site"],
+                    "gateway": r["gateway"],
+                    "time": iso(r["ts_ns"]),
+                    "ts_ns": r["ts_ns"],
+                    "kind": r["kind"],
+                    "device": r["device"],
+                    "message": r["message"],
+                    "data": json.loads(r["data"] or "{}"),
+                }
+                for r in rows
+            ]
+        )
+        return
+    table = Table(title=f"Events since {since}")
+    for column in ("time (UTC)", "gateway", "kind", "device", "message"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            iso(r["ts_ns"]) or "",
+            f"{r['site']}/{r['gateway']}",
+            r["kind"],
+            r["device"] or "-",
+            r["message"],
+        )
     console.print(table)
 
 

@@ -20,6 +20,8 @@ import sqlite_utils
 
 from wire.models import Event, GatewayState, Reading, Status
 
+GAPS_SHOWN = 1000
+
 
 @dataclass(frozen=True, slots=True)
 class IngestResult:
@@ -59,13 +61,14 @@ class Store:
                     "state_ts_ns": int,
                     "buffer_depth": int,
                     "evicted": int,
+                    "lost": int,
                     "received": int,
                     "duplicates": int,
                     "last_seq": int,
                 },
                 pk=("site", "gateway"),
-                defaults={"received": 0, "duplicates": 0, "last_seq": 0, "evicted": 0},
-                not_null={"received", "duplicates", "last_seq", "evicted"},
+                defaults={"received": 0, "duplicates": 0, "last_seq": 0, "evicted": 0, "lost": 0},
+                not_null={"received", "duplicates", "last_seq", "evicted", "lost"},
             )
             db.table("devices").create(
                 {
@@ -153,24 +156,29 @@ class Store:
         new = self.conn.total_changes - before
         duplicates = len(readings) - new
         if new:
+            latest: dict[tuple[str, str], Reading] = {}
+            seen: dict[str, int] = {}
+            for reading in readings:  # in seq order: the last one wins
+                latest[(reading[2], reading[3])] = reading
+                seen[reading[2]] = max(seen.get(reading[2], 0), reading[1])
             self.conn.executemany(
                 "INSERT INTO latest (site, gateway, device, point, value, ts_ns, seq) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (site, gateway, device, point) DO UPDATE SET "
                 "value = excluded.value, ts_ns = excluded.ts_ns, seq = excluded.seq "
                 "WHERE excluded.seq > latest.seq",
-                [(site, gateway, r[2], r[3], r[4], r[1], r[0]) for r in readings],
+                [(site, gateway, r[2], r[3], r[4], r[1], r[0]) for r in latest.values()],
             )
             self.conn.executemany(
                 "INSERT INTO devices (site, gateway, device, last_seen_ns) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (site, gateway, device) DO UPDATE SET "
                 "last_seen_ns = max(coalesce(devices.last_seen_ns, 0), excluded.last_seen_ns)",
-                sorted({(site, gateway, r[2], r[1]) for r in readings}),
+                [(site, gateway, device, ts) for device, ts in seen.items()],
             )
         self.conn.execute(
             "UPDATE gateways SET received = received + ?, duplicates = duplicates + ?, "
             "last_seq = max(last_seq, ?) WHERE site = ? AND gateway = ?",
-            (new, duplicates, readings[-1][0] if readings else 0, site, gateway),
+            (new, duplicates, max(r[0] for r in readings) if readings else 0, site, gateway),
         )
         return IngestResult(new, duplicates)
 
@@ -189,6 +197,7 @@ class Store:
         if state.buffer is not None:
             fields["buffer_depth"] = state.buffer.depth
             fields["evicted"] = state.buffer.evicted
+            fields["lost"] = state.buffer.lost
         assignments = ", ".join(f"{name} = ?" for name in fields)
         self.conn.execute(
             f"UPDATE gateways SET {assignments} WHERE site = ? AND gateway = ?",
@@ -275,6 +284,45 @@ class Store:
             "WHERE site = ? AND gateway = ? AND device = ? AND ts_ns >= ? "
             "ORDER BY seq DESC LIMIT ?",
             (site, gateway, device, since_ns, limit),
+        )[::-1]
+
+    def gaps(self, site: str, gateway: str, limit: int = 1000) -> list[tuple[int, int]]:
+        """Sequence ranges below the gateway's last seq that never arrived (first, last)."""
+        rows = self.conn.execute(
+            "SELECT seq + 1, next - 1 FROM (SELECT seq, lead(seq) OVER (ORDER BY seq) AS next "
+            "FROM (SELECT 0 AS seq UNION ALL SELECT seq FROM readings "
+            "WHERE site = ? AND gateway = ?)) WHERE next > seq + 1 LIMIT ?",
+            (site, gateway, limit),
+        ).fetchall()
+        return [(int(first), int(last)) for first, last in rows]
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per gateway: what arrived, what arrived twice, what is missing, what was evicted."""
+        result = []
+        for g in self.gateways():
+            gaps = self.gaps(g["site"], g["gateway"], limit=GAPS_SHOWN + 1)
+            result.append(
+                {
+                    "site": g["site"],
+                    "gateway": g["gateway"],
+                    "received": g["received"],
+                    "duplicates": g["duplicates"],
+                    "last_seq": g["last_seq"],
+                    "gaps": [list(gap) for gap in gaps[:GAPS_SHOWN]],
+                    "gaps_truncated": len(gaps) > GAPS_SHOWN,
+                    "missing": g["last_seq"] - g["received"],
+                    "evicted": g["evicted"],
+                    "lost": g["lost"],
+                    "buffer_depth": g["buffer_depth"],
+                }
+            )
+        return result
+
+    def events(self, since_ns: int, limit: int) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT site, gateway, ts_ns, kind, device, message, data FROM events "
+            "WHERE ts_ns >= ? ORDER BY id DESC LIMIT ?",
+            (since_ns, limit),
         )[::-1]
 
     def rejected_count(self) -> int:
