@@ -368,7 +368,7 @@ class MqttLink:
 
     def _set_disconnected(self, reason: str) -> None:
         self._subscribed.clear()
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._stopping.is_set():
             log.warning("MQTT connection lost: %s", reason)
         self._connected.clear()
         self.last_error = reason
