@@ -85,6 +85,12 @@ class Forwarder:
         """Called after readings were committed to the buffer."""
         self._wake.set()
 
+    async def settle(self, timeout: float) -> None:
+        """Waits for the PUBACKs of batches in flight (on a planned stop), so that they are
+        deleted now rather than sent again after the restart."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=timeout)
+
     async def run(self) -> None:
         while True:
             await self.link.wait_connected()

@@ -155,6 +155,7 @@ class Agent:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
+        await self.forwarder.settle(timeout=5)
         self.buffer.commit()
         payload = encode(self.state(Status.OFFLINE, reason="agent stopped"))
         await self.link.stop(final_publish=(self._topics[Channel.STATE], payload))

@@ -162,7 +162,9 @@ def test_broker_down_for_20_seconds(
     own_broker.start()
     stats = system.settle()
     assert_each_once(system, stats)
-    assert stats["duplicates"] == 0
+    # QoS 1 is at-least-once: a batch the broker took just before it stopped, whose PUBACK
+    # never came back, is sent again (DUP). It is stored once and counted; at most a window.
+    assert stats["duplicates"] <= 8 * 1000
     log = processes.log(agent)
     assert "MQTT connection lost" in log and log.count("connected to MQTT broker") >= 2
 
