@@ -7,7 +7,6 @@ it spawned. It is never the machine's own broker on 1883.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +14,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+from simulator.processes import signal_group, stop_group
 
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
@@ -129,23 +130,14 @@ class MosquittoBroker:
         process = self.process
         if process is None:
             return
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_group(process, timeout=5)
         if process.stderr:
             process.stderr.close()
         self.process = None
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            signal_group(self.process, signal.SIGKILL)
         self.stop()
 
     def log_tail(self, lines: int = 5) -> str:

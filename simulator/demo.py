@@ -7,10 +7,8 @@ happened, so nothing is left running.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from simulator.broker import BrokerError, MosquittoBroker, free_port
+from simulator.processes import stop_group
 
 SITE = "demo-school"
 GATEWAY = "gw-main"
@@ -158,15 +157,7 @@ class Demo:
             process = self.processes.get(name)
             if process is None:
                 continue
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_group(process, timeout=10)
             if name == "agent":
                 time.sleep(0.3)  # let the fleet store the agent's last state
         self.broker.stop()

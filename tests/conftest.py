@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from simulator.broker import MosquittoBroker, free_port
+from simulator.processes import signal_group, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -62,28 +62,18 @@ class Processes:
         return (self.logdir / f"{name}.log").read_text(errors="replace")
 
     def signal(self, name: str, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.running[name].pid, sig)
+        signal_group(self.running[name], sig)
 
     def stop(self, name: str, timeout: float = 10) -> int:
-        process = self.running[name]
-        self.signal(name, signal.SIGTERM)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(name, signal.SIGKILL)
-            process.wait()
-            raise
+        return stop_group(self.running[name], timeout)
 
     def kill(self, name: str) -> None:
         self.signal(name, signal.SIGKILL)
         self.running[name].wait()
 
     def close(self) -> None:
-        for name, process in self.running.items():
-            if process.poll() is None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.stop(name, timeout=5)
+        for process in self.running.values():
+            stop_group(process, timeout=5)
 
 
 @pytest.fixture
