@@ -86,8 +86,10 @@ class Buffer:
         max_bytes: int | None = None,
         boot_id: str = "unknown",
         wall_ns: Callable[[], int] = time.time_ns,
+        lock_timeout_s: float = 5.0,
     ) -> None:
         self.path = path
+        self.lock_timeout_s = lock_timeout_s
         self.max_bytes = max_bytes
         self.boot_id = boot_id
         self.seq_file = path.with_name(path.name + ".seq")
@@ -114,7 +116,7 @@ class Buffer:
         try:
             self._db = self._connect()
         except (sqlite3.DatabaseError, BufferError) as exc:
-            if not reset_damaged:
+            if not reset_damaged or not is_damage(exc):
                 raise BufferError(f"{self.path}: {exc}") from exc
             self.reset_from = self._move_aside(str(exc))
             self._db = self._connect()
@@ -135,7 +137,9 @@ class Buffer:
         self.commit()
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=self.lock_timeout_s
+        )
         try:
             self._prepare(db)
         except BaseException:
@@ -472,6 +476,17 @@ class Buffer:
         return BufferStats(
             self.depth, pages * size, self.last_seq, self.evicted, self.lost, self.pending, events
         )
+
+
+def is_damage(error: Exception) -> bool:
+    """A file that is not (or no longer) a usable campus-agent buffer — as opposed to one that is
+    locked by another process or that we may not open, which must not be moved aside."""
+    if isinstance(error, BufferError):
+        return True
+    text = str(error)
+    return isinstance(error, sqlite3.DatabaseError) and (
+        "not a database" in text or "malformed" in text or "corrupt" in text
+    )
 
 
 def event_json(

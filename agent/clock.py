@@ -4,8 +4,10 @@ A Raspberry Pi boots with whatever time it last saved (or 1970) until NTP syncs 
 stamped with the wall clock *and* the monotonic clock; while the wall clock is not known to be
 synced they are marked, and once it is, their wall time is recomputed from the monotonic stamp.
 
-Sync sources: `adjtimex` asks the kernel (NTP daemons — systemd-timesyncd, chrony, ntpd — clear
-its STA_UNSYNC flag when they have set the time); `none` trusts the clock (a VM or container
+Sync sources: `adjtimex` looks for systemd-timesyncd's flag file /run/systemd/timesync/synchronized,
+then asks the kernel (NTP daemons — timesyncd, chrony, ntpd — clear its STA_UNSYNC flag when they
+have set the time; the shipped unit's seccomp filter refuses that call, so there the flag file
+decides); `none` trusts the clock (a VM or container
 whose host keeps time); `file` reads a JSON file `{"offset_s": float, "synced": bool}` so tests
 and installers can jump the clock of a running agent.
 """
@@ -58,12 +60,23 @@ class _Timex(ctypes.Structure):
     ]
 
 
-def kernel_says_synced() -> bool:
-    """adjtimex(2) with modes=0 only reads; TIME_ERROR or STA_UNSYNC mean 'not synced'."""
+TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")
+
+
+def kernel_says_synced() -> bool | None:
+    """adjtimex(2) with modes=0 only reads; TIME_ERROR or STA_UNSYNC mean 'not synced'.
+    None when the call is refused (a seccomp filter such as systemd's ProtectClock=yes)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     timex = _Timex()
     state = libc.adjtimex(ctypes.byref(timex))
-    return state not in (-1, TIME_ERROR) and not timex.status & STA_UNSYNC
+    if state == -1:
+        return None
+    return state != TIME_ERROR and not timex.status & STA_UNSYNC
+
+
+def clock_is_synced(flag: Path = TIMESYNCD_FLAG) -> bool:
+    """systemd-timesyncd's flag file (readable under any sandbox), else the kernel's flag."""
+    return flag.exists() or bool(kernel_says_synced())
 
 
 class SystemClock:
@@ -85,7 +98,7 @@ class SystemClock:
         now = time.monotonic()
         if now - self._checked_at >= self.recheck_s:
             self._checked_at = now
-            self._synced = kernel_says_synced()
+            self._synced = clock_is_synced()
         return self._synced
 
 

@@ -78,6 +78,7 @@ class Forwarder:
         self._slots = asyncio.Semaphore(window)
         self._wake = asyncio.Event()
         self._failed = False
+        self._refused = False
         self._backlog_in_flight = 0
         self._in_flight: set[asyncio.Task[None]] = set()
 
@@ -101,7 +102,8 @@ class Forwarder:
             if self._failed:
                 self._failed = False
                 self.stats.rewinds += 1
-                await asyncio.sleep(REFUSAL_BACKOFF_S if self.stats.refusals else 0.5)
+                await asyncio.sleep(REFUSAL_BACKOFF_S if self._refused else 0.5)
+                self._refused = False
 
     async def _sleep_until_woken(self, timeout: float = 1.0) -> None:
         self._wake.clear()
@@ -166,7 +168,7 @@ class Forwarder:
             await self._acknowledged(future)
         except PublishRefused as exc:
             self.stats.refusals += 1
-            self._failed = True
+            self._failed = self._refused = True
             log.error("telemetry %d..%d refused by the broker: %s", first, last, exc.reason)
             self.events.raise_event(
                 EventKind.REJECTED_INPUT,

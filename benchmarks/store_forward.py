@@ -11,7 +11,8 @@ Prints one JSON object:
   and forwards them live, measured over the middle of `--steady-seconds`;
 - agent_peak_rss_mb: the highest resident set of the agent processes (VmHWM).
 Targets on a 2-core machine: lost == 0, duplicates == 0, drain >= 50,000 readings/s,
-steady CPU <= 2 % of one core, peak RSS <= 60 MB.
+steady CPU <= 2 % of one core, peak RSS <= 60 MB; `targets_met` says which hold, and the exit
+code is 1 when one does not.
 """
 
 from __future__ import annotations
@@ -260,7 +261,15 @@ def main() -> None:
             result = measure(args, work, broker.port)
         finally:
             broker.stop()
+    result["targets_met"] = {
+        "lost == 0": result["lost"] == 0,
+        "duplicates == 0": result["duplicates"] == 0,
+        "drain >= 50000/s": result["drain_readings_per_s"] >= 50_000,
+        "steady cpu <= 2%": result["steady_cpu_pct"] <= 2.0,
+        "peak rss <= 60 MB": result["agent_peak_rss_mb"] <= 60.0,
+    }
     print(json.dumps(result, indent=2))
+    sys.exit(0 if all(result["targets_met"].values()) else 1)
 
 
 def measure(args: argparse.Namespace, work: Path, port: int) -> dict[str, Any]:

@@ -141,7 +141,7 @@ def serve(ctx: Context) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from fleet.service import FleetService
+    from fleet.service import FleetService, IngestStopped
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -150,7 +150,10 @@ def serve(ctx: Context) -> None:
             loop.add_signal_handler(sig, stop.set)
         await FleetService(config).run(stop)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except IngestStopped as exc:
+        fail(f"ingest stopped: {exc}", EXIT_RUNTIME)
 
 
 @main.group()
@@ -177,6 +180,7 @@ def gateways_list(ctx: Context, as_json: bool) -> None:
                     "devices": r["devices"],
                     "buffer_depth": r["buffer_depth"],
                     "evicted": r["evicted"],
+                    "lost": r["lost"],
                     "received": r["received"],
                     "duplicates": r["duplicates"],
                     "last_seq": r["last_seq"],

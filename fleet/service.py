@@ -18,6 +18,12 @@ from wire.topics import Channel, subscription
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 200
+
+
+class IngestStopped(RuntimeError):
+    """Storing failed (disk full, database damaged): the service must stop, not limp on."""
+
+
 CHANNELS = (Channel.TELEMETRY, Channel.STATE, Channel.EVENTS)
 
 
@@ -44,11 +50,17 @@ class FleetService:
             self.config.mqtt.port,
         )
         consumer = asyncio.create_task(self._consume(), name="ingest")
+        stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
-            await stop.wait()
+            await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if consumer.done():
+                # Unacknowledged messages stay with the broker; the service manager restarts us.
+                log.critical("ingest stopped: %r", consumer.exception())
+                raise IngestStopped(str(consumer.exception())) from consumer.exception()
         finally:
+            stopper.cancel()
             consumer.cancel()
-            await asyncio.gather(consumer, return_exceptions=True)
+            await asyncio.gather(consumer, stopper, return_exceptions=True)
             await self.link.stop()
             self.store.close()
 

@@ -12,7 +12,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,95 @@ import sqlite_utils
 from wire.models import Event, GatewayState, Reading, Status
 
 GAPS_SHOWN = 1000
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    columns: dict[str, type]
+    pk: str | tuple[str, ...]
+    defaults: dict[str, int] = field(default_factory=dict)
+    indexes: tuple[tuple[str, ...], ...] = ()
+
+
+# Columns are only ever added; an older database gets the missing ones when it is opened.
+TABLES: dict[str, TableSpec] = {
+    "gateways": TableSpec(
+        {
+            "site": str,
+            "gateway": str,
+            "status": str,
+            "reason": str,
+            "agent_version": str,
+            "keepalive_s": int,
+            "first_seen_ns": int,
+            "last_seen_ns": int,
+            "state_ts_ns": int,
+            "buffer_depth": int,
+            "evicted": int,
+            "lost": int,
+            "received": int,
+            "duplicates": int,
+            "last_seq": int,
+        },
+        pk=("site", "gateway"),
+        defaults={"received": 0, "duplicates": 0, "last_seq": 0, "evicted": 0, "lost": 0},
+    ),
+    "devices": TableSpec(
+        {
+            "site": str,
+            "gateway": str,
+            "device": str,
+            "profile": str,
+            "kind": str,
+            "up": int,
+            "last_seen_ns": int,
+        },
+        pk=("site", "gateway", "device"),
+    ),
+    # value: bytes gives the column no affinity, so ints, floats and text keep their type.
+    "readings": TableSpec(
+        {
+            "site": str,
+            "gateway": str,
+            "seq": int,
+            "ts_ns": int,
+            "device": str,
+            "point": str,
+            "value": bytes,
+            "quality": int,
+            "received_ns": int,
+        },
+        pk=("site", "gateway", "seq"),
+        indexes=(("device", "ts_ns"),),
+    ),
+    "latest": TableSpec(
+        {
+            "site": str,
+            "gateway": str,
+            "device": str,
+            "point": str,
+            "value": bytes,
+            "ts_ns": int,
+            "seq": int,
+        },
+        pk=("site", "gateway", "device", "point"),
+    ),
+    "events": TableSpec(
+        {
+            "id": int,
+            "site": str,
+            "gateway": str,
+            "ts_ns": int,
+            "kind": str,
+            "device": str,
+            "message": str,
+            "data": str,
+            "received_ns": int,
+        },
+        pk="id",
+    ),
+    "rejected": TableSpec({"id": int, "topic": str, "reason": str, "received_ns": int}, pk="id"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,87 +134,22 @@ class Store:
         # FULL: a message is acknowledged to the broker after its commit, so the commit must be
         # on disk when it returns, or a power cut would lose what the broker already let go of.
         db.conn.execute("PRAGMA synchronous=FULL")
-        if "gateways" in db.table_names():
-            return
         with self.transaction():
-            db.table("gateways").create(
-                {
-                    "site": str,
-                    "gateway": str,
-                    "status": str,
-                    "reason": str,
-                    "agent_version": str,
-                    "keepalive_s": int,
-                    "first_seen_ns": int,
-                    "last_seen_ns": int,
-                    "state_ts_ns": int,
-                    "buffer_depth": int,
-                    "evicted": int,
-                    "lost": int,
-                    "received": int,
-                    "duplicates": int,
-                    "last_seq": int,
-                },
-                pk=("site", "gateway"),
-                defaults={"received": 0, "duplicates": 0, "last_seq": 0, "evicted": 0, "lost": 0},
-                not_null={"received", "duplicates", "last_seq", "evicted", "lost"},
-            )
-            db.table("devices").create(
-                {
-                    "site": str,
-                    "gateway": str,
-                    "device": str,
-                    "profile": str,
-                    "kind": str,
-                    "up": int,
-                    "last_seen_ns": int,
-                },
-                pk=("site", "gateway", "device"),
-            )
-            db.table("readings").create(
-                {
-                    "site": str,
-                    "gateway": str,
-                    "seq": int,
-                    "ts_ns": int,
-                    "device": str,
-                    "point": str,
-                    "value": bytes,
-                    "quality": int,
-                    "received_ns": int,
-                },
-                pk=("site", "gateway", "seq"),
-            )
-            db.table("readings").create_index(["device", "ts_ns"])
-            db.table("latest").create(
-                {
-                    "site": str,
-                    "gateway": str,
-                    "device": str,
-                    "point": str,
-                    "value": bytes,
-                    "ts_ns": int,
-                    "seq": int,
-                },
-                pk=("site", "gateway", "device", "point"),
-            )
-            db.table("events").create(
-                {
-                    "id": int,
-                    "site": str,
-                    "gateway": str,
-                    "ts_ns": int,
-                    "kind": str,
-                    "device": str,
-                    "message": str,
-                    "data": str,
-                    "received_ns": int,
-                },
-                pk="id",
-            )
-            db.table("rejected").create(
-                {"id": int, "topic": str, "reason": str, "received_ns": int}, pk="id"
-            )
+            for name, spec in TABLES.items():
+                table = db.table(name)
+                if not table.exists():
+                    table.create(
+                        spec.columns,
+                        pk=spec.pk,
+                        defaults=spec.defaults or None,
+                        not_null=spec.defaults.keys() or None,
+                    )
+                    for index in spec.indexes:
+                        table.create_index(list(index))
+                    continue
+                for column, kind in spec.columns.items():  # a database from an older version
+                    if column not in table.columns_dict:
+                        table.add_column(column, kind, not_null_default=spec.defaults.get(column))
 
     def transaction(self) -> _Transaction:
         return _Transaction(self.conn)

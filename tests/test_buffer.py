@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from agent.buffer import Buffer, Priority, Stamp
+import pytest
+
+from agent.buffer import Buffer, BufferError, Priority, Stamp
 from wire.models import Event, Quality
 
 GOOD = Stamp(1_000, 10, 0)
@@ -91,6 +93,20 @@ def test_garbage_at_the_buffer_path_is_kept_aside(tmp_path: Path) -> None:
     assert buffer.reset_from.read_bytes().startswith(b"this is not a database")
     assert "file is not a database" in events(buffer)[0].message
     buffer.close()
+
+
+def test_a_locked_buffer_is_an_error_not_damage(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    opened(path).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # e.g. a second agent on the same file
+    try:
+        with pytest.raises(BufferError, match="locked"):
+            Buffer(path, lock_timeout_s=0.2).open()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert not list(tmp_path.glob("*.bad-*")), "a locked buffer must not be moved aside"
 
 
 def fill(buffer: Buffer, count: int, priority: int, point: str = "co2") -> None:
