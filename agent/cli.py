@@ -1,4 +1,4 @@
-"""`campus-agent`: run the gateway daemon, or check its configuration.
+"""`campus-agent`: run the gateway daemon, check its configuration, and probe devices.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad command line or configuration (no traceback).
 """
@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad command line or configuration (n
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -15,7 +16,8 @@ import click
 
 from agent import __version__
 from agent.buffer import BufferError
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig, DeviceConfig, load_config
+from drivers.base import Value
 from drivers.profiles import ProfileLibrary
 from wire.errors import DocumentError
 
@@ -93,6 +95,151 @@ def run(config_path: Path, log_level: str | None) -> None:
     except BufferError as exc:
         click.echo(f"campus-agent: buffer unusable: {exc}", err=True)
         sys.exit(EXIT_RUNTIME)
+
+
+def _device_or_exit(config: AgentConfig, name: str) -> DeviceConfig:
+    from agent.tools import select
+
+    try:
+        return select(config, [name])[0]
+    except KeyError as exc:
+        click.echo(f"campus-agent: {exc.args[0]}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def _parse_value(text: str) -> Value:
+    """A command-line value: JSON when it parses (21.5, true, "text"), else the text itself."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return text
+    return parsed if isinstance(parsed, bool | int | float | str) else text
+
+
+@main.command()
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), required=True, help=CONFIG_HELP
+)
+@click.argument("devices", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def probe(config_path: Path, devices: tuple[str, ...], as_json: bool) -> None:
+    """Poll DEVICES (default: all in the config) once and show what they answer.
+
+    For installers checking a site against its profiles: every value with its unit, every
+    point the profile's valid range rejects, every device that does not answer. Exit code 0 when
+    every device answered with plausible values, 1 otherwise. Stop the agent first when the
+    devices share a serial line with it.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from agent.tools import probe as run_probe
+    from agent.tools import select
+
+    config, library = _load(config_path)
+    try:
+        chosen = select(config, devices)
+    except KeyError as exc:
+        click.echo(f"campus-agent: {exc.args[0]}", err=True)
+        sys.exit(EXIT_CONFIG)
+    results = asyncio.run(run_probe(config, library, chosen))
+    if as_json:
+        click.echo(json.dumps([result.__dict__ for result in results], indent=2))
+    else:
+        console = Console()
+        for result in results:
+            title = f"{result.device} ({result.profile}) — {result.seconds * 1000:.0f} ms"
+            if result.error:
+                console.print(f"[red]{title}: no answer: {result.error}[/]")
+                continue
+            table = Table(title=title)
+            for column in ("point", "value", "unit"):
+                table.add_column(column, justify="right" if column == "value" else "left")
+            for row in result.values:
+                value = row["value"]
+                shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+                table.add_row(row["point"], shown, row["unit"])
+            for row in result.rejected:
+                table.add_row(row["point"], "[red]rejected[/]", row["why"])
+            console.print(table)
+    sys.exit(0 if all(result.ok for result in results) else EXIT_RUNTIME)
+
+
+@main.command()
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), required=True, help=CONFIG_HELP
+)
+@click.argument("device")
+@click.argument("point")
+@click.argument("value")
+def write(config_path: Path, device: str, point: str, value: str) -> None:
+    """Write VALUE (in the point's unit) to a read-write POINT of DEVICE, then read it back.
+
+    Exit code 0 when the device holds the value, 1 when it does not answer or keeps another
+    value, 2 when the point is unknown, read-only or the value is out of its range.
+    """
+    from agent.tools import write as run_write
+    from drivers.errors import DriverError
+
+    config, library = _load(config_path)
+    target = _device_or_exit(config, device)
+    profile = library.get(target.profile)
+    try:
+        spec = profile.point(point)
+    except KeyError:
+        names = ", ".join(p.name for p in profile.points if p.writable) or "none"
+        click.echo(
+            f"campus-agent: {profile.id} has no point {point!r} (writable: {names})", err=True
+        )
+        sys.exit(EXIT_CONFIG)
+    if not spec.writable:
+        click.echo(f"campus-agent: {profile.id} point {point!r} is read-only", err=True)
+        sys.exit(EXIT_CONFIG)
+    try:
+        written = asyncio.run(run_write(library, target, point, _parse_value(value)))
+    except ValueError as exc:
+        click.echo(f"campus-agent: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except DriverError as exc:
+        click.echo(f"campus-agent: {device}: {exc}", err=True)
+        sys.exit(EXIT_RUNTIME)
+    click.echo(json.dumps({"device": device, "point": point, "value": written}))
+
+
+@main.command()
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), required=True, help=CONFIG_HELP
+)
+@click.argument("device")
+@click.argument("name")
+@click.argument("argument", required=False)
+def command(config_path: Path, device: str, name: str, argument: str | None) -> None:
+    """Run the profile command NAME on DEVICE, with ARGUMENT when it takes one.
+
+    The argument is checked against the profile before anything is written. Exit code 0 on
+    success, 1 when the device fails, 2 for an unknown command or a bad argument.
+    """
+    from agent.tools import command as run_command
+    from drivers.errors import DriverError
+
+    config, library = _load(config_path)
+    target = _device_or_exit(config, device)
+    profile = library.get(target.profile)
+    try:
+        profile.command(name)
+    except KeyError as exc:
+        click.echo(f"campus-agent: {exc.args[0]}", err=True)
+        sys.exit(EXIT_CONFIG)
+    value = None if argument is None else _parse_value(argument)
+    try:
+        result = asyncio.run(run_command(library, target, name, value))
+    except ValueError as exc:
+        click.echo(f"campus-agent: {name}: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except DriverError as exc:
+        click.echo(f"campus-agent: {device}: {exc}", err=True)
+        sys.exit(EXIT_RUNTIME)
+    click.echo(json.dumps({"device": device, **result}))
 
 
 if __name__ == "__main__":

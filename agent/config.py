@@ -76,6 +76,17 @@ class AgentConfig(_Section):
             if device.id in seen:
                 raise ValueError(f"device id {device.id!r} is used twice (again at {index})")
             seen.add(device.id)
+        lines: dict[str, tuple[int, str, int]] = {}
+        for device in devices:
+            connection = device.connection
+            if connection.type != "modbus-rtu":
+                continue
+            line = lines.setdefault(connection.port, connection.line())
+            if line != connection.line():
+                raise ValueError(
+                    f"devices on serial port {connection.port} need the same baudrate, parity "
+                    f"and stopbits ({line} and {connection.line()})"
+                )
         return devices
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from agent.buffer import Buffer, Priority, Stamp
 from agent.clock import Clock
@@ -20,6 +20,7 @@ from agent.config import DeviceConfig
 from agent.events import EventQueue
 from drivers.base import Driver
 from drivers.errors import DriverError
+from drivers.profiles import Alarm, Profile
 from wire.models import EventKind, Quality
 
 log = logging.getLogger(__name__)
@@ -38,22 +39,69 @@ class DeviceHealth:
     last_success_ns: int | None = None
 
 
+class AlarmWatch:
+    """Raises once when a threshold is crossed, clears once the value is back past it by the
+    hysteresis: no event storm from a value hovering at the threshold."""
+
+    def __init__(self, point: str, unit: str, alarm: Alarm) -> None:
+        self.point = point
+        self.unit = unit
+        self.alarm = alarm
+        self.active: str | None = None  # "high" or "low"
+
+    def update(self, value: float) -> tuple[str, dict[str, Any]] | None:
+        alarm, shown = self.alarm, f"{value:g} {self.unit}".rstrip()
+        if self.active is None:
+            if alarm.high is not None and value > alarm.high:
+                self.active = "high"
+                return self._event(f"{self.point} {shown} above {alarm.high:g}", value, "raised")
+            if alarm.low is not None and value < alarm.low:
+                self.active = "low"
+                return self._event(f"{self.point} {shown} below {alarm.low:g}", value, "raised")
+            return None
+        back = (
+            value <= alarm.high - alarm.hysteresis
+            if self.active == "high" and alarm.high is not None
+            else alarm.low is not None and value >= alarm.low + alarm.hysteresis
+        )
+        if not back:
+            return None
+        level, self.active = self.active, None
+        return self._event(f"{self.point} back to {shown}", value, "cleared", level)
+
+    def _event(
+        self, message: str, value: float, state: str, level: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        return message, {
+            "point": self.point,
+            "value": value,
+            "state": state,
+            "level": level or self.active,
+            "high": self.alarm.high,
+            "low": self.alarm.low,
+        }
+
+
 class Coordinator:
     def __init__(self, buffer: Buffer, events: EventQueue, clock: Clock) -> None:
         self.buffer = buffer
         self.events = events
         self.clock = clock
         self._priorities: dict[str, dict[str, int]] = {}
+        self._alarms: dict[str, dict[str, AlarmWatch]] = {}
         self.health: dict[str, DeviceHealth] = {}
         self._bus_locks: dict[str, asyncio.Lock] = {}
         self._rejected_points: dict[tuple[str, str], str] = {}
 
-    def add(
-        self, device: DeviceConfig, driver: Driver, priorities: Mapping[str, str] | None = None
-    ) -> _DeviceLoop:
+    def add(self, device: DeviceConfig, driver: Driver, profile: Profile) -> _DeviceLoop:
         self.health[device.id] = DeviceHealth()
         self._priorities[device.id] = {
-            point: Priority[level.upper()] for point, level in (priorities or {}).items()
+            point.name: Priority[point.priority.upper()] for point in profile.points
+        }
+        self._alarms[device.id] = {
+            point.name: AlarmWatch(point.name, point.unit, point.alarm)
+            for point in profile.points
+            if point.alarm is not None
         }
         lock = self._bus_locks.setdefault(driver.bus, asyncio.Lock())
         return _DeviceLoop(self, device, driver, lock)
@@ -70,8 +118,15 @@ class Coordinator:
             return False
         stamp = self.stamp()
         priorities = self._priorities[device.id]
+        alarms = self._alarms[device.id]
         for point, value in result.values:
             self.buffer.add(stamp, device.id, point, value, priorities.get(point, Priority.NORMAL))
+            watch = alarms.get(point)
+            if watch is not None and isinstance(value, int | float):
+                change = watch.update(float(value))
+                if change is not None:
+                    log.warning("device %s: %s", device.id, change[0])
+                    self.events.raise_event(EventKind.ALARM, change[0], device.id, **change[1])
         self._report_rejected(device.id, health, result.rejected)
         health.consecutive_failures = 0
         health.last_success_ns = stamp.ts_ns

@@ -145,8 +145,7 @@ class Agent:
                 for device in self.config.devices:
                     profile = self.profiles.get(device.profile)
                     driver = self.drivers.build(profile, device.connection)
-                    priorities = {point.name: point.priority for point in profile.points}
-                    loop = self.coordinator.add(device, driver, priorities)
+                    loop = self.coordinator.add(device, driver, profile)
                     tasks.append(group.create_task(loop.run(), name=f"poll:{device.id}"))
                 await stop.wait()
                 for task in tasks:

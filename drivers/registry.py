@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import Field
+
 from drivers.base import Driver
-from drivers.modbus.driver import ModbusTcpConnection, ModbusTcpDriver, ModbusTcpPool
+from drivers.modbus.driver import (
+    ModbusDriver,
+    ModbusPool,
+    ModbusRtuConnection,
+    ModbusTcpConnection,
+)
 from drivers.profiles import Profile
 
-# Becomes a discriminated union on `type` when a second transport arrives.
-Connection = ModbusTcpConnection
+Connection = Annotated[ModbusTcpConnection | ModbusRtuConnection, Field(discriminator="type")]
 
-PROTOCOL_OF_CONNECTION = {"modbus-tcp": "modbus"}
+PROTOCOL_OF_CONNECTION = {"modbus-tcp": "modbus", "modbus-rtu": "modbus"}
 
 
 class DriverFactory:
     """Builds drivers and owns what they share (connection pools)."""
 
     def __init__(self) -> None:
-        self._modbus_tcp = ModbusTcpPool()
+        self._modbus = ModbusPool()
 
     def build(self, profile: Profile, connection: Connection) -> Driver:
-        return ModbusTcpDriver(profile, connection, self._modbus_tcp)
+        return ModbusDriver(profile, connection, self._modbus)
 
     async def close(self) -> None:
-        await self._modbus_tcp.close()
+        await self._modbus.close()

@@ -420,6 +420,79 @@ def events(ctx: Context, since: str, limit: int, as_json: bool) -> None:
 
 
 @main.group()
+def profiles() -> None:
+    """Firmware profiles: check them before a site uses them, export their JSON Schema."""
+
+
+@profiles.command("check")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path, exists=True))
+@json_option
+def profiles_check(paths: tuple[Path, ...], as_json: bool) -> None:
+    """Validate profiles: files, or folders of *.yaml (default: the shipped profiles).
+
+    Every problem is listed with file, line and field. Exit code 0 when all are valid, 1 when
+    one is not.
+    """
+    from drivers.profiles import check_profiles, default_profiles_dir
+
+    found, errors = check_profiles(list(paths) or [default_profiles_dir()])
+    if as_json:
+        emit_json(
+            {
+                "valid": [
+                    {
+                        "id": p.id,
+                        "vendor": p.vendor,
+                        "model": p.model,
+                        "points": len(p.points),
+                        "commands": len(p.commands),
+                    }
+                    for p in found
+                ],
+                "problems": [
+                    {
+                        "file": e.path,
+                        "line": problem.line,
+                        "field": problem.field,
+                        "message": problem.message,
+                    }
+                    for e in errors
+                    for problem in e.problems
+                ],
+            }
+        )
+    else:
+        for profile in found:
+            click.echo(
+                f"ok   {profile.id}: {profile.vendor} {profile.model}, "
+                f"{len(profile.points)} points, {len(profile.commands)} commands"
+            )
+        for error in errors:
+            for problem in error.problems:
+                click.echo(f"FAIL {error.path}: {problem}", err=True)
+    if errors:
+        sys.exit(EXIT_RUNTIME)
+
+
+@profiles.command("schema")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write to this file instead of standard output.",
+)
+def profiles_schema(out: Path | None) -> None:
+    """The JSON Schema of a firmware profile (for editors and other tools)."""
+    from drivers.profiles import profile_schema
+
+    text = json.dumps(profile_schema(), indent=2)
+    if out is None:
+        click.echo(text)
+    else:
+        out.write_text(text + "\n")
+        click.echo(str(out))
+
+
+@main.group()
 def schema() -> None:
     """JSON Schema of the wire messages, for clients in other languages."""
 

@@ -1,16 +1,32 @@
-"""Runs a scenario: one Modbus TCP server per simulated device, until cancelled."""
+"""Runs a scenario: one pymodbus server per TCP endpoint and per RTU bus, until cancelled.
+
+An RTU bus is a pty pair made with socat: the simulator serves on `<link>.sim`, the agent opens
+`<link>`. A pty ignores baud rate and parity, so it proves framing and logic, not timing.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import subprocess
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from datetime import datetime
+from pathlib import Path
 
 from drivers.profiles import ProfileLibrary
-from simulator.modbus_server import SimulatedModbusDevice, serve_modbus_tcp
-from simulator.model import ClassroomAir
-from simulator.scenario import Scenario
+from simulator.modbus_server import (
+    Fault,
+    ListenError,
+    SimulatedModbusDevice,
+    serve_rtu,
+    serve_tcp,
+)
+from simulator.processes import stop_group
+from simulator.scenario import RtuBus, Scenario, SimulatedDevice
+from simulator.values import DeviceValues
 
 
 def scenario_clock(scenario: Scenario) -> Callable[[], float]:
@@ -26,25 +42,60 @@ def scenario_clock(scenario: Scenario) -> Callable[[], float]:
     return lambda: sim_start + (time.time() - real_start) * scale
 
 
-def build_devices(scenario: Scenario, library: ProfileLibrary) -> list[SimulatedModbusDevice]:
-    clock = scenario_clock(scenario)
-    return [
-        SimulatedModbusDevice(
-            library.get(device.profile),
-            ClassroomAir(
-                seed=device.seed,
-                base_temperature=device.base_temperature,
-                base_humidity=device.base_humidity,
-            ),
-            unit=device.unit,
-            clock=clock,
-        )
-        for device in scenario.devices
-    ]
+def build_device(
+    spec: SimulatedDevice, library: ProfileLibrary, clock: Callable[[], float]
+) -> SimulatedModbusDevice:
+    profile = library.get(spec.profile)
+    values = DeviceValues(profile, spec.seed, spec.base_temperature, spec.base_humidity)
+    fault = Fault(spec.fault.kind, spec.fault.delay_s, spec.fault.code, spec.fault.spread)
+    return SimulatedModbusDevice(profile, values, unit=spec.unit, clock=clock, fault=fault)
+
+
+def sim_side(bus: RtuBus) -> Path:
+    return bus.link.with_name(bus.link.name + ".sim")
+
+
+@contextlib.contextmanager
+def pty_pair(bus: RtuBus, timeout: float = 5.0) -> Iterator[Path]:
+    """A socat pty pair: yields the simulator's end; the agent opens `bus.link`."""
+    socat = shutil.which("socat")
+    if socat is None:
+        raise ListenError("socat is not installed: run 'make install'")
+    bus.link.parent.mkdir(parents=True, exist_ok=True)
+    ours = sim_side(bus)
+    process = subprocess.Popen(
+        [socat, f"pty,raw,echo=0,link={bus.link}", f"pty,raw,echo=0,link={ours}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not (bus.link.exists() and ours.exists()):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise ListenError(f"socat could not make the pty pair {bus.link}")
+            time.sleep(0.01)
+        yield ours
+    finally:
+        stop_group(process)
 
 
 async def run_scenario(scenario: Scenario, library: ProfileLibrary) -> None:
-    devices = build_devices(scenario, library)
-    async with asyncio.TaskGroup() as group:
-        for spec, device in zip(scenario.devices, devices, strict=True):
-            group.create_task(serve_modbus_tcp(device, spec.host, spec.port), name=spec.id)
+    clock = scenario_clock(scenario)
+    endpoints: dict[str, list[SimulatedModbusDevice]] = defaultdict(list)
+    for spec in scenario.devices:
+        endpoints[spec.endpoint].append(build_device(spec, library, clock))
+    buses = {bus.name: bus for bus in scenario.rtu_buses}
+    with contextlib.ExitStack() as stack:
+        async with asyncio.TaskGroup() as group:
+            for endpoint, devices in endpoints.items():
+                kind, _, where = endpoint.partition(":")
+                if kind == "tcp":
+                    host, _, port = where.rpartition(":")
+                    group.create_task(serve_tcp(devices, host, int(port)), name=endpoint)
+                else:
+                    bus = buses[where]
+                    port_path = stack.enter_context(pty_pair(bus))
+                    group.create_task(
+                        serve_rtu(devices, str(port_path), bus.baudrate), name=endpoint
+                    )

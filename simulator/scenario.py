@@ -1,9 +1,10 @@
-"""Scenario files: which simulated devices to serve, where, and how their values behave."""
+"""Scenario files: which simulated devices to serve, where, how their values behave, and what
+faults they show."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -13,33 +14,71 @@ from wire.errors import DocumentError
 from wire.models import Id
 
 
-class SimulatedDevice(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FaultSpec(_Strict):
+    kind: Literal[
+        "none", "offline", "slow", "exception", "stuck", "noisy", "wrong_unit", "garbled"
+    ] = "none"
+    delay_s: Annotated[float, Field(ge=0, le=60)] = 0.5
+    code: Annotated[int, Field(ge=1, le=11)] = 4
+    spread: Annotated[float, Field(ge=0, le=10)] = 0.3
+
+
+class RtuBus(_Strict):
+    """A simulated RS-485 line: a socat pty pair; the agent opens `link`."""
+
+    name: Id
+    link: Path
+    baudrate: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 9600
+
+
+class SimulatedDevice(_Strict):
     id: Id
     profile: str
     host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=1, le=65535)]
-    unit: Annotated[int, Field(ge=0, le=255, description="0 answers every unit id")] = 1
+    port: Annotated[int, Field(ge=1, le=65535)] | None = Field(None, description="Modbus TCP")
+    bus: Id | None = Field(None, description="name of an rtu_buses entry")
+    unit: Annotated[int, Field(ge=0, le=255, description="0 answers every unit id (TCP)")] = 1
     seed: int = 0
     base_temperature: float = 21.0
     base_humidity: float = 45.0
+    fault: FaultSpec = FaultSpec()
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> SimulatedDevice:
+        if (self.port is None) == (self.bus is None):
+            raise ValueError("a device has either 'port' (Modbus TCP) or 'bus' (Modbus RTU)")
+        if self.bus is not None and not 1 <= self.unit <= 247:
+            raise ValueError(f"an RTU unit id is 1..247, not {self.unit}")
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return f"rtu:{self.bus}" if self.bus is not None else f"tcp:{self.host}:{self.port}"
 
 
-class Scenario(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Scenario(_Strict):
     name: str = "classroom"
     time_scale: Annotated[float, Field(gt=0, le=10_000)] = 1.0
     start_time_of_day: Annotated[str, Field(pattern=r"^\d{2}:\d{2}$")] | None = None
     profiles_dir: Path | None = None
+    rtu_buses: list[RtuBus] = []
     devices: Annotated[list[SimulatedDevice], Field(min_length=1)]
 
     @model_validator(mode="after")
-    def _distinct_endpoints(self) -> Scenario:
+    def _endpoints(self) -> Scenario:
+        buses = {bus.name for bus in self.rtu_buses}
         seen: set[tuple[str, int]] = set()
         for device in self.devices:
-            if (device.host, device.port) in seen:
-                raise ValueError(f"two devices listen on {device.host}:{device.port}")
-            seen.add((device.host, device.port))
+            if device.bus is not None and device.bus not in buses:
+                raise ValueError(f"device {device.id!r}: no rtu_buses entry named {device.bus!r}")
+            key = (device.endpoint, device.unit)
+            if key in seen:
+                raise ValueError(f"two devices answer unit {device.unit} on {device.endpoint}")
+            seen.add(key)
         return self
 
 

@@ -44,7 +44,11 @@ def agent_config(tmp_path: Path, text: str) -> Path:
         ),
         (
             "site: s\ngateway: g\ndevices:\n" + GOOD_DEVICE.replace("modbus-tcp", "carrier-pigeon"),
-            ["line 7", "devices.0.connection.type: Input should be 'modbus-tcp'"],
+            [
+                "line 6",
+                "devices.0.connection: Input tag 'carrier-pigeon'",
+                "'modbus-tcp', 'modbus-rtu'",
+            ],
         ),
         (
             "site: s\ngateway: g\ndevices:\n" + GOOD_DEVICE + GOOD_DEVICE,

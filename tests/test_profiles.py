@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from drivers.modbus.codec import DataType, Table
-from drivers.modbus.driver import check_range, decode_point
+from drivers.modbus.points import check_range, decode_point
 from drivers.profiles import ProfileLibrary, default_profiles_dir, load_profile
 from wire.errors import DocumentError
 
@@ -18,7 +18,7 @@ def test_every_shipped_profile_loads() -> None:
     profile = library.get("campussim-thc100")
     assert profile.id == "campussim-thc100"
     assert profile.point("dew_point").count == 2
-    assert profile.point("uptime").type is DataType.UINT32
+    assert profile.point("uptime").kind == DataType.UINT32.value
 
 
 def test_unknown_profile_lists_the_known_ones() -> None:
@@ -48,8 +48,8 @@ def write(tmp_path: Path, text: str, name: str = "acme-x1.yaml") -> Path:
             "line 7, points.0: Value error, scale must not be 0",
         ),
         (
-            "points:\n  - name: t\n    table: input\n    address: 0\n    writable: true\n",
-            "a point in the input table cannot be writable",
+            "points:\n  - name: t\n    table: input\n    address: 0\n    access: read-write\n",
+            "a point in the input table cannot be read-write",
         ),
         (
             "points:\n  - name: t\n    table: input\n    address: 65535\n    type: float32\n",

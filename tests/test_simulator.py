@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from drivers.modbus.driver import ModbusTcpConnection, ModbusTcpDriver, ModbusTcpPool
+from drivers.modbus.driver import ModbusDriver, ModbusPool, ModbusTcpConnection
 from drivers.profiles import ProfileLibrary
 from simulator.broker import free_port
-from simulator.modbus_server import SimulatedModbusDevice, serve_modbus_tcp
+from simulator.modbus_server import SimulatedModbusDevice, serve_tcp
 from simulator.model import ClassroomAir, dew_point, occupied
+from simulator.values import DeviceValues
 from tests.conftest import Processes, wait_for, write_yaml
 
 
@@ -81,12 +82,14 @@ async def test_our_driver_reads_the_simulator_and_values_move() -> None:
     library = ProfileLibrary.load()
     profile = library.get("campussim-thc100")
     now = [86_400 * 3 + 8 * 3600.0]
-    device = SimulatedModbusDevice(profile, ClassroomAir(seed=5), unit=1, clock=lambda: now[0])
+    device = SimulatedModbusDevice(
+        profile, DeviceValues(profile, seed=5), unit=1, clock=lambda: now[0]
+    )
     port = free_port()
-    server = asyncio.create_task(serve_modbus_tcp(device, "::1", port))
+    server = asyncio.create_task(serve_tcp([device], "::1", port))
     await asyncio.sleep(0.2)
-    pool = ModbusTcpPool()
-    driver = ModbusTcpDriver(
+    pool = ModbusPool()
+    driver = ModbusDriver(
         profile, ModbusTcpConnection(type="modbus-tcp", host="::1", port=port, unit=1), pool
     )
     try:

@@ -59,6 +59,16 @@ class DocumentError(WireError):
         super().__init__(f"{path} is not valid:\n{lines}")
 
 
+class DocumentErrors(DocumentError):
+    """Several documents that cannot be used (e.g. every bad profile of a folder)."""
+
+    def __init__(self, errors: Sequence[DocumentError]) -> None:
+        self.errors = tuple(errors)
+        self.path = errors[0].path
+        self.problems = tuple(problem for error in errors for problem in error.problems)
+        WireError.__init__(self, "\n".join(str(error) for error in errors))
+
+
 def problems_from(error: ValidationError) -> list[Problem]:
     """Turns pydantic's errors into `Problem`s with dotted field paths."""
     return [

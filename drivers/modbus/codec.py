@@ -1,4 +1,4 @@
-"""Modbus codec, sans-IO in the style of h11: bytes in, values out, and back.
+"""Modbus codec, sans-IO in the style of h11: bytes in, values out, and back, for TCP and RTU.
 
 Everything here is pure: no asyncio, no sockets, no clock. Local misuse raises ModbusRequestError
 (a ValueError); bytes from the device that break the protocol raise ModbusFrameError.
@@ -41,6 +41,22 @@ class ModbusRequestError(ModbusError, ValueError):
 
 class ModbusFrameError(ModbusError):
     """The device sent bytes that break the protocol (remote misbehaviour)."""
+
+
+class ModbusCrcError(ModbusFrameError):
+    """An RTU frame whose CRC does not match its bytes: line noise, a collision, wrong settings."""
+
+
+class ModbusWrongUnit(ModbusFrameError):
+    """A well-formed RTU answer from another unit id than the one asked: a misconfigured device."""
+
+    def __init__(self, expected: int, received: int) -> None:
+        super().__init__(expected, received)
+        self.expected = expected
+        self.received = received
+
+    def __str__(self) -> str:
+        return f"unit {self.received} answered a request to unit {self.expected}"
 
 
 class ModbusExceptionResponse(ModbusError):
@@ -242,27 +258,37 @@ def encode_write_registers(
     transaction_id: int, unit: int, address: int, registers: Sequence[int]
 ) -> bytes:
     """Modbus TCP function 16, write multiple registers."""
+    return _tcp_frame(transaction_id, unit, _write_registers_pdu(address, registers))
+
+
+def encode_write_register(transaction_id: int, unit: int, address: int, value: int) -> bytes:
+    """Modbus TCP function 6, write single register."""
+    return _tcp_frame(transaction_id, unit, _write_register_pdu(address, value))
+
+
+def encode_write_coil(transaction_id: int, unit: int, address: int, value: bool) -> bytes:
+    """Modbus TCP function 5, write single coil."""
+    return _tcp_frame(transaction_id, unit, _write_coil_pdu(address, value))
+
+
+def _write_registers_pdu(address: int, registers: Sequence[int]) -> bytes:
     count = len(registers)
     _check_range("register count", count, 1, MAX_WRITE_REGISTERS)
     _check_span(address, count)
     words = _checked_registers(registers)
     header = struct.pack(">BHHB", Function.WRITE_MULTIPLE_REGISTERS, address, count, 2 * count)
-    return _tcp_frame(transaction_id, unit, header + _pack_words(words))
+    return header + _pack_words(words)
 
 
-def encode_write_register(transaction_id: int, unit: int, address: int, value: int) -> bytes:
-    """Modbus TCP function 6, write single register."""
+def _write_register_pdu(address: int, value: int) -> bytes:
     _check_span(address, 1)
     _check_range("register value", value, 0, 0xFFFF)
-    pdu = struct.pack(">BHH", Function.WRITE_SINGLE_REGISTER, address, value)
-    return _tcp_frame(transaction_id, unit, pdu)
+    return struct.pack(">BHH", Function.WRITE_SINGLE_REGISTER, address, value)
 
 
-def encode_write_coil(transaction_id: int, unit: int, address: int, value: bool) -> bytes:
-    """Modbus TCP function 5, write single coil."""
+def _write_coil_pdu(address: int, value: bool) -> bytes:
     _check_span(address, 1)
-    pdu = struct.pack(">BHH", Function.WRITE_SINGLE_COIL, address, 0xFF00 if value else 0)
-    return _tcp_frame(transaction_id, unit, pdu)
+    return struct.pack(">BHH", Function.WRITE_SINGLE_COIL, address, 0xFF00 if value else 0)
 
 
 def crc16(data: bytes) -> int:
@@ -275,18 +301,59 @@ def crc16(data: bytes) -> int:
     return crc
 
 
+def _rtu_frame(unit: int, pdu: bytes) -> bytes:
+    """Unit, PDU, CRC; unit 0 (broadcast) is refused since a broadcast gets no answer."""
+    _check_range("RTU unit", unit, 1, 247)
+    frame = bytes([unit]) + pdu
+    return frame + crc16(frame).to_bytes(2, "little")
+
+
 def encode_rtu_read_request(
     unit: int, table_or_function: Table | int, address: int, count: int
 ) -> bytes:
-    """Modbus RTU read; unit 0 (broadcast) is refused since a broadcast gets no answer."""
-    _check_range("RTU unit", unit, 1, 247)
-    frame = bytes([unit]) + _read_pdu(table_or_function, address, count)
-    return frame + crc16(frame).to_bytes(2, "little")
+    """Modbus RTU read; unit 0 (broadcast) is refused since a broadcast gets no answer.
+
+    The other RTU encoders refuse it too: each request is sent to get an answer.
+    """
+    return _rtu_frame(unit, _read_pdu(table_or_function, address, count))
+
+
+def encode_rtu_write_registers(unit: int, address: int, registers: Sequence[int]) -> bytes:
+    """Modbus RTU function 16, write multiple registers."""
+    return _rtu_frame(unit, _write_registers_pdu(address, registers))
+
+
+def encode_rtu_write_register(unit: int, address: int, value: int) -> bytes:
+    """Modbus RTU function 6, write single register."""
+    return _rtu_frame(unit, _write_register_pdu(address, value))
+
+
+def encode_rtu_write_coil(unit: int, address: int, value: bool) -> bytes:
+    """Modbus RTU function 5, write single coil."""
+    return _rtu_frame(unit, _write_coil_pdu(address, value))
+
+
+RTU_FIXED_GAP_ABOVE_BAUDRATE: Final = 19200
+RTU_FIXED_FRAME_GAP_S: Final = 0.00175
+
+
+def rtu_frame_gap_s(baudrate: int, bits_per_char: float = 11) -> float:
+    """The silent interval that delimits RTU frames, in seconds.
+
+    3.5 character times, a character being `bits_per_char` bits on the line (11 for the spec's
+    8E1/8N2, 10 for the common 8N1); above 19200 baud the spec fixes it at 1.75 ms instead.
+    """
+    _check_range("baudrate", baudrate, 1, 100_000_000)
+    if not (isinstance(bits_per_char, int | float) and 0 < bits_per_char < 100):
+        raise ModbusRequestError(f"bits per character {bits_per_char!r} is outside 0..100")
+    if baudrate > RTU_FIXED_GAP_ABOVE_BAUDRATE:
+        return RTU_FIXED_FRAME_GAP_S
+    return 3.5 * bits_per_char / baudrate
 
 
 @dataclass(frozen=True, slots=True)
 class Response:
-    """One Modbus TCP response.
+    """One Modbus response; RTU has no transaction id and leaves it 0.
 
     `function` is the request's function code, its 0x80 exception flag cleared. Reads 3 and 4 fill
     `registers`. Reads 1 and 2 fill `bits` with every bit of the data bytes, padding included: the
@@ -342,6 +409,111 @@ class TcpResponseDecoder:
     def _raise_if_broken(self) -> None:
         if self._error is not None:
             raise ModbusFrameError(f"decoder unusable after an earlier error: {self._error}")
+
+
+_RTU_WRITE_FUNCTIONS: Final = frozenset(
+    {Function.WRITE_SINGLE_COIL, Function.WRITE_SINGLE_REGISTER, Function.WRITE_MULTIPLE_REGISTERS}
+)
+
+
+class RtuResponseDecoder:
+    """The answer to one Modbus RTU request, from bytes fed as they arrive; single use.
+
+    RTU frames carry no length, so the request sets the frame's end: an exception response has
+    5 bytes, a write echo 8, a read answer 5 plus its byte count, which must match `count` when
+    given. feed() returns the Response once the frame is complete and None until then; bytes after
+    the frame stay in `surplus`. The CRC is checked before the unit id, so ModbusWrongUnit means
+    a well-formed frame from another device. After a ModbusFrameError every feed() raises again.
+    """
+
+    def __init__(self, unit: int, function: Function | int, count: int | None = None) -> None:
+        _check_range("RTU unit", unit, 1, 247)
+        if function not in _TABLES_BY_FUNCTION and function not in _RTU_WRITE_FUNCTIONS:
+            raise ModbusRequestError(f"{function!r} is not a supported function code")
+        self.unit = unit
+        self.function = Function(function)
+        self.count = count
+        self._byte_count: int | None = None
+        table = _TABLES_BY_FUNCTION.get(function)
+        if count is not None:
+            if table is None:
+                raise ModbusRequestError(f"function {function} is a write: it has no read count")
+            _check_range(f"{table} count", count, 1, table.max_read)
+            self._byte_count = (count + 7) // 8 if table.is_bits else 2 * count
+        self._buffer = bytearray()
+        self._size: int | None = None
+        self._response: Response | None = None
+        self._error: ModbusFrameError | None = None
+
+    @classmethod
+    def for_request(cls, request: bytes) -> RtuResponseDecoder:
+        """A decoder for the answer to `request`, an RTU request frame as encoded here."""
+        if len(request) < 8 or crc16(request) != 0:
+            raise ModbusRequestError(f"{request.hex(' ')} is not an RTU request frame")
+        unit, function = request[0], request[1]
+        count = int.from_bytes(request[4:6], "big") if function in _TABLES_BY_FUNCTION else None
+        return cls(unit, function, count)
+
+    @property
+    def received(self) -> int:
+        """How many bytes were fed so far."""
+        return len(self._buffer)
+
+    @property
+    def surplus(self) -> bytes:
+        """Bytes fed after the complete frame."""
+        return bytes(self._buffer[self._size :]) if self._size is not None else b""
+
+    def feed(self, data: bytes) -> Response | None:
+        if self._error is not None:
+            raise ModbusFrameError(f"decoder unusable after an earlier error: {self._error}")
+        if self._response is not None:
+            raise ModbusRequestError("this decoder already returned its response: one per request")
+        self._buffer += data
+        try:
+            self._response = self._parse()
+        except ModbusFrameError as error:
+            self._error = error
+            raise
+        return self._response
+
+    def _parse(self) -> Response | None:
+        buffer = self._buffer
+        if len(buffer) < 2:
+            return None
+        function = buffer[1]
+        if function == self.function | 0x80:
+            size = 5
+        elif function != self.function:
+            what = (
+                f"exception response to function {function & 0x7F}"
+                if function & 0x80
+                else f"function {function}"
+            )
+            raise ModbusFrameError(f"{what} answers a function {self.function} request")
+        elif function in _RTU_WRITE_FUNCTIONS:
+            size = 8
+        elif len(buffer) < 3:
+            return None
+        elif self._byte_count is not None and buffer[2] != self._byte_count:
+            raise ModbusFrameError(
+                f"byte count {buffer[2]} answers a read of {self.count}, "
+                f"which needs {self._byte_count}"
+            )
+        else:
+            size = 5 + buffer[2]
+        if len(buffer) < size:
+            return None
+        frame = bytes(buffer[:size])
+        if crc16(frame) != 0:
+            received = int.from_bytes(frame[-2:], "little")
+            raise ModbusCrcError(
+                f"CRC {received:04X} does not match {crc16(frame[:-2]):04X} in {frame.hex(' ')}"
+            )
+        if frame[0] != self.unit:
+            raise ModbusWrongUnit(self.unit, frame[0])
+        self._size = size
+        return _decode_pdu(0, frame[0], frame[1:-2])
 
 
 def _decode_pdu(transaction_id: int, unit: int, pdu: bytes) -> Response:
@@ -406,9 +578,18 @@ def read_values(response: Response, table: Table, count: int) -> tuple[int, ...]
     return registers
 
 
-def check_write(response: Response, function: int) -> None:
-    """Raise unless the response acknowledges a write of `function`."""
+def check_write(response: Response, function: int, echo: tuple[int, int] | None = None) -> None:
+    """Raise unless the response acknowledges a write of `function`.
+
+    `echo`, when given, is what the acknowledgement must repeat: the address, then the value
+    written (function 6), 0xFF00 or 0 (function 5), or the register count (function 16).
+    """
     _check_answer(response, function)
+    if echo is not None and response.registers != echo:
+        shown = " ".join(f"{word:04X}" for word in response.registers or ())
+        raise ModbusFrameError(
+            f"function {function} acknowledged with {shown}, not {echo[0]:04X} {echo[1]:04X}"
+        )
 
 
 def _check_answer(response: Response, function: int) -> None:

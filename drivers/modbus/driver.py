@@ -1,21 +1,29 @@
-"""Modbus TCP driver: polls a profile's points with the fewest requests and decodes them.
+"""Modbus driver (TCP and RTU): polls a profile's due points with the fewest requests, decodes
+them, and writes points and commands with read-back.
 
-Connections to one host:port are shared by every device (unit id) behind it, and the transport
-serialises requests on them.
+Rules: one client per TCP peer or serial port, shared by every device (unit id) behind it, so
+requests on one bus never overlap. A device that times out is tried again once within the same
+poll only if it was answering until then: a dead device holds its bus for one timeout per poll,
+no longer. An exception response for one block marks that block's points rejected; the other
+blocks are still read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-from typing import Annotated, Literal
+import time
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from drivers.base import Driver, PollResult
-from drivers.modbus.codec import Table, decode_value
+from drivers.base import Driver, PollResult, Value
+from drivers.errors import DeviceTimeout, DriverError
+from drivers.modbus.codec import ModbusExceptionResponse, Table
 from drivers.modbus.plan import PointRef, ReadBlock, plan_reads, slice_block
+from drivers.modbus.points import check_range, decode_point, encode_point
 from drivers.modbus.transport import ModbusTcpClient
-from drivers.profiles import ModbusPoint, Profile
+from drivers.profiles import ModbusPoint, PointType, Profile
 
 
 class ModbusTcpConnection(BaseModel):
@@ -27,20 +35,78 @@ class ModbusTcpConnection(BaseModel):
     port: Annotated[int, Field(ge=1, le=65535)] = 502
     unit: Annotated[int, Field(ge=0, le=255)] = 1
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    retries: Annotated[int, Field(ge=0, le=5)] = 1
+    max_gap: Annotated[int, Field(ge=0, le=124)] = 8
 
 
-class ModbusTcpPool:
-    """One client per host:port, shared by the devices behind it."""
+class ModbusRtuConnection(BaseModel):
+    """`connection:` of a Modbus RTU device on a serial port (RS-485)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["modbus-rtu"]
+    port: str = Field(description="serial device, e.g. /dev/ttyUSB0")
+    baudrate: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    unit: Annotated[int, Field(ge=1, le=247)] = 1
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    retries: Annotated[int, Field(ge=0, le=5)] = 1
+    max_gap: Annotated[int, Field(ge=0, le=124)] = 8
+
+    def line(self) -> tuple[int, str, int]:
+        return (self.baudrate, self.parity, self.stopbits)
+
+
+class ModbusClient(Protocol):
+    address: str
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def read(
+        self, unit: int, table: Table, address: int, count: int
+    ) -> tuple[int, ...] | tuple[bool, ...]: ...
+
+    async def write_registers(self, unit: int, address: int, values: list[int]) -> None: ...
+
+    async def write_register(self, unit: int, address: int, value: int) -> None: ...
+
+    async def write_coil(self, unit: int, address: int, value: bool) -> None: ...
+
+
+class ModbusPool:
+    """One client per TCP peer or serial port, shared by the devices behind it."""
 
     def __init__(self) -> None:
-        self._clients: dict[tuple[str, int], ModbusTcpClient] = {}
+        self._clients: dict[str, ModbusClient] = {}
+        self._lines: dict[str, tuple[int, str, int]] = {}
 
-    def client(self, connection: ModbusTcpConnection) -> ModbusTcpClient:
-        key = (connection.host, connection.port)
-        if key not in self._clients:
-            self._clients[key] = ModbusTcpClient(
-                connection.host, connection.port, timeout=connection.timeout_s
+    def client(self, connection: ModbusTcpConnection | ModbusRtuConnection) -> ModbusClient:
+        if isinstance(connection, ModbusTcpConnection):
+            key = f"tcp://{connection.host}:{connection.port}"
+            if key not in self._clients:
+                self._clients[key] = ModbusTcpClient(
+                    connection.host, connection.port, timeout=connection.timeout_s
+                )
+            return self._clients[key]
+        key = f"rtu://{connection.port}"
+        if key in self._lines and self._lines[key] != connection.line():
+            raise DriverError(
+                f"{connection.port}: devices on one serial line need the same baud rate, "
+                f"parity and stop bits ({self._lines[key]} vs {connection.line()})"
             )
+        if key not in self._clients:
+            from drivers.modbus.rtu import ModbusRtuClient
+
+            self._clients[key] = ModbusRtuClient(
+                connection.port,
+                baudrate=connection.baudrate,
+                parity=connection.parity,
+                stopbits=connection.stopbits,
+                timeout=connection.timeout_s,
+            )
+            self._lines[key] = connection.line()
         return self._clients[key]
 
     async def close(self) -> None:
@@ -49,51 +115,87 @@ class ModbusTcpPool:
         self._clients.clear()
 
 
-def decode_point(point: ModbusPoint, raw: tuple[int, ...] | tuple[bool, ...]) -> int | float | bool:
-    if point.table in (Table.COIL, Table.DISCRETE):
-        return bool(raw[0])
-    return point.to_engineering(decode_value([int(r) for r in raw], point.type, point.word_order))
-
-
-def check_range(point: ModbusPoint, value: int | float | bool) -> str | None:
-    """Why a decoded value cannot be true, or None when it is plausible."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{value} is not a finite number"
-    shown = f"{value} {point.unit}".rstrip()
-    if point.min is not None and value < point.min:
-        return f"{shown} is below the profile's minimum {point.min}"
-    if point.max is not None and value > point.max:
-        return f"{shown} is above the profile's maximum {point.max}"
-    return None
-
-
-class ModbusTcpDriver(Driver):
-    def __init__(self, profile: Profile, connection: ModbusTcpConnection, pool: ModbusTcpPool):
+class ModbusDriver(Driver):
+    def __init__(
+        self,
+        profile: Profile,
+        connection: ModbusTcpConnection | ModbusRtuConnection,
+        pool: ModbusPool,
+        *,
+        coalesce: bool = True,
+    ) -> None:
         self.profile = profile
         self.connection = connection
-        self.bus = f"modbus-tcp://{connection.host}:{connection.port}"
+        self.unit = connection.unit
         self._client = pool.client(connection)
+        self.bus = self._client.address
         self._points = {point.name: point for point in profile.points}
-        self._blocks: list[ReadBlock] = plan_reads(
-            PointRef(p.name, p.table, p.address, p.count) for p in profile.points
+        self._max_gap = connection.max_gap if coalesce else 0
+        self._max_registers = 125 if coalesce else 1
+        self._plans: dict[frozenset[str], list[ReadBlock]] = {}
+        self._next_due: dict[str, float] = {}
+        self._answering = True
+        self.requests = 0
+
+    def _plan(self, names: frozenset[str]) -> list[ReadBlock]:
+        if names not in self._plans:
+            refs = [
+                PointRef(p.name, p.table, p.address, p.count)
+                for p in self.profile.points
+                if p.name in names
+            ]
+            self._plans[names] = plan_reads(
+                refs,
+                max_registers=max(self._max_registers, max(r.count for r in refs)),
+                max_gap=self._max_gap,
+            )
+        return self._plans[names]
+
+    def due_points(self, now: float) -> frozenset[str]:
+        return frozenset(
+            p.name
+            for p in self.profile.points
+            if p.poll_interval_s is None or now >= self._next_due.get(p.name, 0.0)
         )
 
     async def open(self) -> None:
         await self._client.connect()
 
+    async def _request(self, block: ReadBlock) -> tuple[int, ...] | tuple[bool, ...]:
+        attempts = 1 + (self.connection.retries if self._answering else 0)
+        for attempt in range(attempts):
+            try:
+                self.requests += 1
+                raw = await self._client.read(self.unit, block.table, block.address, block.count)
+            except DeviceTimeout:
+                if attempt + 1 == attempts:
+                    self._answering = False
+                    raise
+                continue
+            self._answering = True
+            return raw
+        raise AssertionError("unreachable")
+
     async def read(self) -> PollResult:
+        now = time.monotonic()
+        due = self.due_points(now)
         result = PollResult()
-        for block in self._blocks:
-            raw = await self._client.read(
-                self.connection.unit, block.table, block.address, block.count
-            )
+        if not due:
+            return result
+        plan = self._plan(due)
+        refused: list[ModbusExceptionResponse] = []
+        for block in plan:
+            try:
+                raw = await self._request(block)
+            except ModbusExceptionResponse as exc:
+                refused.append(exc)
+                result.rejected.extend((member.key, str(exc)) for member in block.members)
+                continue
             for name, words in slice_block(block, raw).items():
                 point = self._points[name]
                 try:
                     value = decode_point(point, words)
-                except ValueError as exc:
+                except (ValueError, UnicodeDecodeError) as exc:
                     result.rejected.append((name, str(exc)))
                     continue
                 problem = check_range(point, value)
@@ -101,7 +203,90 @@ class ModbusTcpDriver(Driver):
                     result.values.append((name, value))
                 else:
                     result.rejected.append((name, problem))
+                if point.poll_interval_s is not None:
+                    self._next_due[name] = now + point.poll_interval_s
+        if len(refused) == len(plan):
+            raise refused[0]  # refusing everything is a device fault, not a few bad points
+        return result
+
+    async def read_point(self, point: ModbusPoint) -> Value:
+        raw = await self._client.read(self.unit, point.table, point.address, point.count)
+        return decode_point(point, raw)
+
+    async def write(self, name: str, value: Value) -> Value:
+        """Writes a read-write point (engineering units), reads it back, and returns what the
+        device now holds. ValueError: the request is wrong (nothing written); DriverError: the
+        device failed or kept another value."""
+        point = self._points.get(name)
+        if point is None:
+            raise ValueError(f"{self.profile.id} has no point {name!r}")
+        if not point.writable:
+            raise ValueError(f"{self.profile.id} point {name!r} is read-only")
+        problem = check_range(point, value)
+        if problem is not None:
+            raise ValueError(f"{name}: {problem}")
+        await self._write_raw(point, value)
+        written = await self.read_point(point)
+        if not _same(written, value, point):
+            raise DriverError(f"{name}: wrote {value!r}, the device reads back {written!r}")
+        return written
+
+    async def _write_raw(self, point: ModbusPoint, value: Value) -> None:
+        if point.table is Table.COIL:
+            await self._client.write_coil(self.unit, point.address, bool(value))
+            return
+        if point.kind is PointType.BOOL:  # one bit of a register: read, modify, write
+            assert point.bit is not None
+            (current,) = await self._client.read(self.unit, point.table, point.address, 1)
+            mask = 1 << point.bit
+            new = (int(current) | mask) if value else (int(current) & ~mask)
+            await self._client.write_register(self.unit, point.address, new)
+            return
+        registers = encode_point(point, value)
+        assert isinstance(registers, list)
+        if len(registers) == 1:
+            await self._client.write_register(self.unit, point.address, registers[0])
+        else:
+            await self._client.write_registers(self.unit, point.address, registers)
+
+    async def command(self, name: str, argument: Any = None) -> dict[str, Any]:
+        """Runs a profile command; ValueError for a bad argument (nothing written)."""
+        command = self.profile.command(name)
+        if command.argument is not None:
+            if argument is None:
+                raise ValueError(f"command {name!r} needs an argument ({command.argument.type})")
+            value: Value = command.argument.check(argument)
+        elif argument is not None:
+            raise ValueError(f"command {name!r} takes no argument")
+        else:
+            assert command.value is not None
+            value = command.value
+        if command.point is not None:
+            written = await self.write(command.point, value)
+            return {"command": name, "point": command.point, "value": written}
+        assert command.table is not None and command.address is not None
+        if command.table is Table.COIL:
+            await self._client.write_coil(self.unit, command.address, bool(value))
+        else:
+            await self._client.write_register(self.unit, command.address, int(value))
+        result: dict[str, Any] = {"command": name, "address": command.address, "value": value}
+        if command.readback:
+            (back,) = await self._client.read(self.unit, command.table, command.address, 1)
+            result["readback"] = back if isinstance(back, bool) else int(back)
         return result
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _same(read: Value, wanted: Value, point: ModbusPoint) -> bool:
+    if isinstance(read, float) or isinstance(wanted, float):
+        tolerance = abs(point.scale) / 2 if point.kind.value.startswith(("int", "uint")) else 1e-6
+        return math.isclose(float(read), float(wanted), rel_tol=1e-6, abs_tol=tolerance)
+    return read == wanted
+
+
+async def probe(driver: ModbusDriver) -> PollResult:
+    """One poll of every point regardless of schedules (for installers)."""
+    driver._next_due.clear()
+    return await asyncio.wait_for(driver.read(), driver.connection.timeout_s * 10)

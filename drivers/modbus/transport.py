@@ -20,6 +20,10 @@ _log = logging.getLogger(__name__)
 _Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
+# Unit ids that a Modbus TCP device may answer for whatever it calls itself.
+ANY_UNIT = (0, 255)
+
+
 class ModbusTcpClient:
     def __init__(self, host: str, port: int, *, timeout: float = 2.0) -> None:
         self.host = host
@@ -114,7 +118,7 @@ class ModbusTcpClient:
                 async with asyncio.timeout(self.timeout):
                     writer.write(request)
                     await writer.drain()
-                    return await self._receive(reader, transaction_id)
+                    response = await self._receive(reader, transaction_id)
             except TimeoutError:
                 self._drop()
                 raise DeviceTimeout(self.address, f"no answer within {self.timeout} s") from None
@@ -124,6 +128,10 @@ class ModbusTcpClient:
             except BaseException:
                 self._drop()
                 raise
+            unit = request[6]
+            if response.unit != unit and unit not in ANY_UNIT:
+                raise codec.ModbusWrongUnit(unit, response.unit)
+            return response
 
     async def _receive(self, reader: asyncio.StreamReader, transaction_id: int) -> Response:
         while True:
