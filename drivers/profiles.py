@@ -252,8 +252,24 @@ class Profile(_Strict):
     kind: DeviceKind
     description: str = ""
     source: str = Field(description="where the register map comes from (manual, section)")
+    max_read_registers: Annotated[int, Field(ge=1, le=125)] = Field(
+        125, description="the most registers the device answers in one read request"
+    )
+    write_multiple_only: bool = Field(
+        False, description="the device refuses FC06/FC05: write every register with FC16"
+    )
     points: Annotated[list[ModbusPoint], Field(min_length=1)]
     commands: list[Command] = []
+
+    @model_validator(mode="after")
+    def _points_fit_one_read(self) -> Profile:
+        for point in self.points:
+            if not point.table.is_bits and point.count > self.max_read_registers:
+                raise ValueError(
+                    f"point {point.name!r} spans {point.count} registers, more than "
+                    f"max_read_registers {self.max_read_registers}"
+                )
+        return self
 
     @field_validator("points")
     @classmethod

@@ -104,24 +104,29 @@ class SimulatedModbusDevice:
 
     def sim_device(self) -> SimDevice:
         def block(table: Table) -> list[SimData]:
-            points = sorted(
-                (p for p in self.profile.points if p.table == table), key=lambda p: p.address
+            spans = sorted(
+                [(p.address, p.count) for p in self.profile.points if p.table == table]
+                + [  # registers that only commands write to exist on the device too
+                    (c.address, 1)
+                    for c in self.profile.commands
+                    if c.table == table and c.address is not None
+                ]
             )
             datatype = SimType.BITS if table.is_bits else SimType.REGISTERS
-            if not points:
+            if not spans:
                 return [SimData(0, count=1, datatype=datatype, values=0)]
             if table.is_bits:
-                end = max(p.address + p.count for p in points)
+                end = max(address + count for address, count in spans)
                 return [SimData(0, count=end, datatype=datatype, values=False)]
             # Runs of registers; gaps up to GAP_FILLED read as 0 (so coalesced reads work),
             # wider gaps are unmapped and answer 'illegal data address', as on real devices.
             image = self.register_image(table, writable=True)
             runs: list[list[int]] = []
-            for point in points:
-                if runs and point.address - (runs[-1][1]) <= GAP_FILLED:
-                    runs[-1][1] = max(runs[-1][1], point.address + point.count)
+            for address, count in spans:
+                if runs and address - runs[-1][1] <= GAP_FILLED:
+                    runs[-1][1] = max(runs[-1][1], address + count)
                 else:
-                    runs.append([point.address, point.address + point.count])
+                    runs.append([address, address + count])
             return [
                 SimData(
                     start,
@@ -193,9 +198,9 @@ class PacketFaults:
             frame = bytearray(packet)
             frame[unit_at] = (frame[unit_at] % 247) + 1
             return self._with_crc(frame)
-        if kind == "garbled":
+        if kind == "garbled":  # RTU: a data byte (the CRC catches it); TCP: the protocol id
             frame = bytearray(packet)
-            frame[-3 if self.rtu else -1] ^= 0x5A
+            frame[-3 if self.rtu else 2] ^= 0x5A
             return bytes(frame)
         return packet
 

@@ -31,6 +31,7 @@ class Electrical:
     energy_kwh: float = 0.0
 
     def __post_init__(self) -> None:
+        self.energy_kwh = self.rng.uniform(1_000, 20_000)  # a meter that has been in service
         self.voltage = [Walk(NOMINAL_V + self.rng.uniform(-2, 2), 60, 0.05) for _ in range(3)]
         self.load = [Walk(0.4, 120, 0.02) for _ in range(3)]
         self.frequency = Walk(50.0, 30, 0.002)

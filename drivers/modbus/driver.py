@@ -131,7 +131,7 @@ class ModbusDriver(Driver):
         self.bus = self._client.address
         self._points = {point.name: point for point in profile.points}
         self._max_gap = connection.max_gap if coalesce else 0
-        self._max_registers = 125 if coalesce else 1
+        self._max_registers = profile.max_read_registers if coalesce else 1
         self._plans: dict[frozenset[str], list[ReadBlock]] = {}
         self._next_due: dict[str, float] = {}
         self._answering = True
@@ -240,14 +240,17 @@ class ModbusDriver(Driver):
             (current,) = await self._client.read(self.unit, point.table, point.address, 1)
             mask = 1 << point.bit
             new = (int(current) | mask) if value else (int(current) & ~mask)
-            await self._client.write_register(self.unit, point.address, new)
+            await self._write_registers(point.address, [new])
             return
         registers = encode_point(point, value)
         assert isinstance(registers, list)
-        if len(registers) == 1:
-            await self._client.write_register(self.unit, point.address, registers[0])
+        await self._write_registers(point.address, registers)
+
+    async def _write_registers(self, address: int, registers: list[int]) -> None:
+        if len(registers) == 1 and not self.profile.write_multiple_only:
+            await self._client.write_register(self.unit, address, registers[0])
         else:
-            await self._client.write_registers(self.unit, point.address, registers)
+            await self._client.write_registers(self.unit, address, registers)
 
     async def command(self, name: str, argument: Any = None) -> dict[str, Any]:
         """Runs a profile command; ValueError for a bad argument (nothing written)."""
@@ -268,7 +271,7 @@ class ModbusDriver(Driver):
         if command.table is Table.COIL:
             await self._client.write_coil(self.unit, command.address, bool(value))
         else:
-            await self._client.write_register(self.unit, command.address, int(value))
+            await self._write_registers(command.address, [int(value)])
         result: dict[str, Any] = {"command": name, "address": command.address, "value": value}
         if command.readback:
             (back,) = await self._client.read(self.unit, command.table, command.address, 1)

@@ -1,0 +1,146 @@
+"""Installer tools through real processes: `campus-sim run` serving Modbus TCP and an RTU bus
+(socat), read by mbpoll (an independent master) and by `campus-agent probe / write / command`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulator.broker import free_port
+from tests.conftest import Processes, run_cli, wait_for, write_yaml
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def site(tmp_path: Path, processes: Processes) -> dict[str, Any]:
+    port = free_port()
+    link = tmp_path / "ttyRS485-1"
+    scenario = write_yaml(
+        tmp_path / "scenario.yaml",
+        {
+            "time_scale": 60,
+            "start_time_of_day": "09:00",
+            "rtu_buses": [{"name": "bus-1", "link": str(link), "baudrate": 9600}],
+            "devices": [
+                {"id": "room-1-env", "profile": "campussim-thc100", "port": port},
+                {"id": "meter-1", "profile": "eastron-sdm120", "bus": "bus-1", "unit": 2},
+                {"id": "room-1-co2", "profile": "senseair-s8", "bus": "bus-1", "unit": 3},
+                {"id": "relays-1", "profile": "wirenboard-wb-mr6xv", "bus": "bus-1", "unit": 4},
+                {
+                    "id": "broken-1",
+                    "profile": "senseair-s8",
+                    "bus": "bus-1",
+                    "unit": 5,
+                    "fault": {"kind": "offline"},
+                },
+            ],
+        },
+    )
+    rtu = {"type": "modbus-rtu", "port": str(link), "baudrate": 9600, "timeout_s": 0.5}
+    agent = write_yaml(
+        tmp_path / "agent.yaml",
+        {
+            "site": "school-1",
+            "gateway": "gw-1",
+            "devices": [
+                {
+                    "id": "room-1-env",
+                    "profile": "campussim-thc100",
+                    "connection": {"type": "modbus-tcp", "host": "127.0.0.1", "port": port},
+                },
+                {"id": "meter-1", "profile": "eastron-sdm120", "connection": {**rtu, "unit": 2}},
+                {"id": "room-1-co2", "profile": "senseair-s8", "connection": {**rtu, "unit": 3}},
+                {
+                    "id": "relays-1",
+                    "profile": "wirenboard-wb-mr6xv",
+                    "connection": {**rtu, "unit": 4},
+                },
+                {"id": "broken-1", "profile": "senseair-s8", "connection": {**rtu, "unit": 5}},
+            ],
+        },
+    )
+    processes.start("sim", "campus-sim", "run", str(scenario))
+    wait_for(lambda: processes.log("sim").count("on serial line") == 4, 15, what="RTU bus up")
+    wait_for(lambda: "listening on" in processes.log("sim"), 15, what="TCP device up")
+    return {"agent": agent, "link": link, "port": port}
+
+
+def mbpoll(*args: str) -> dict[str, str]:
+    result = subprocess.run(
+        ["mbpoll", *args], capture_output=True, text=True, timeout=10, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return dict(re.findall(r"^\[(\d+)\]:\s+(\S+)", result.stdout, re.MULTILINE))
+
+
+def test_mbpoll_reads_the_simulated_rtu_meter(site: dict[str, Any]) -> None:
+    # SDM120 input registers 0x0000 (voltage) and 0x0006 (current), float32, high word first
+    values = mbpoll(
+        "-m",
+        "rtu",
+        "-b",
+        "9600",
+        "-P",
+        "none",
+        "-a",
+        "2",
+        "-t",
+        "3:float",
+        "-B",
+        "-r",
+        "1",
+        "-c",
+        "4",
+        "-1",
+        str(site["link"]),
+    )
+    assert 220 < float(values["1"]) < 240, values
+    assert 0 <= float(values["7"]) < 100, values
+
+
+def test_probe_reads_every_device_and_names_the_broken_one(site: dict[str, Any]) -> None:
+    result = run_cli("campus-agent", "probe", "--config", str(site["agent"]), "--json")
+    assert result.returncode == 1, result.stderr  # one device does not answer
+    probes = {p["device"]: p for p in json.loads(result.stdout)}
+    assert probes["broken-1"]["ok"] is False and "no answer" in probes["broken-1"]["error"]
+    for name in ("room-1-env", "meter-1", "room-1-co2", "relays-1"):
+        assert probes[name]["ok"], probes[name]
+        assert probes[name]["values"], name
+    meter = {v["point"]: v for v in probes["meter-1"]["values"]}
+    assert 220 < meter["voltage"]["value"] < 240 and meter["voltage"]["unit"] == "V"
+    table = run_cli("campus-agent", "probe", "--config", str(site["agent"]), "meter-1")
+    assert table.returncode == 0 and "voltage" in table.stdout and "frequency" in table.stdout
+
+
+def test_write_and_commands_with_read_back(site: dict[str, Any]) -> None:
+    agent = str(site["agent"])
+    on = run_cli("campus-agent", "command", "--config", agent, "relays-1", "set_relay_1", "on")
+    assert on.returncode == 0, on.stderr
+    assert json.loads(on.stdout)["value"] is True
+    written = run_cli(
+        "campus-agent", "write", "--config", agent, "relays-1", "safe_mode_timeout", "120"
+    )
+    assert written.returncode == 0, written.stderr
+    assert json.loads(written.stdout)["value"] == 120
+    probe = json.loads(
+        run_cli("campus-agent", "probe", "--config", agent, "relays-1", "--json").stdout
+    )
+    values = {v["point"]: v["value"] for v in probe[0]["values"]}
+    assert values["relay_1"] is True and values["safe_mode_timeout"] == 120
+
+    bad = run_cli("campus-agent", "command", "--config", agent, "relays-1", "set_relay_1", "dim")
+    assert bad.returncode == 2 and "not on/off" in bad.stderr
+    read_only = run_cli("campus-agent", "write", "--config", agent, "meter-1", "voltage", "1")
+    assert read_only.returncode == 2 and "read-only" in read_only.stderr
+    out_of_range = run_cli(
+        "campus-agent", "write", "--config", agent, "relays-1", "restore_after_power_loss", "7"
+    )
+    assert out_of_range.returncode == 2 and "above the profile's maximum" in out_of_range.stderr
+    unknown = run_cli("campus-agent", "command", "--config", agent, "meter-1", "explode")
+    assert unknown.returncode == 2 and "has no command 'explode'" in unknown.stderr
