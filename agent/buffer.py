@@ -39,6 +39,7 @@ APPLICATION_ID = 0x43494F54  # "CIOT": tells our buffer from a foreign SQLite fi
 SEQ_RESERVATION = 100_000
 EVICTION_TARGET = 0.95  # evict down to this share of the cap, not just under it
 EVICTION_EVENT_EVERY_S = 60.0
+ASSUMED_ROW_BYTES = 200  # before there are rows to measure: generous, so checks come early
 
 Row = tuple[int, int, str, str, Value, int]  # seq, ts_ns, device, point, value, quality
 
@@ -108,6 +109,9 @@ class Buffer:
         self.commits = 0
         self.reset_from: Path | None = None
         self._created = False
+        self._rows_until_cap_check = 0
+        #: Called when the first reading (or an event) waits to be committed.
+        self.on_pending: Callable[[], None] = lambda: None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -267,9 +271,31 @@ class Buffer:
         self._pending.append(
             (stamp.ts_ns, stamp.mono_ns, device, point, value, stamp.quality, priority)
         )
+        if len(self._pending) == 1:
+            self.on_pending()
+
+    def add_many(
+        self,
+        stamp: Stamp,
+        device: str,
+        values: list[tuple[str, Value]],
+        priorities: dict[str, int],
+    ) -> None:
+        """The readings of one poll (one stamp); points missing from `priorities` are normal."""
+        if not values:
+            return
+        first = not self._pending
+        ts, mono, quality = stamp.ts_ns, stamp.mono_ns, stamp.quality
+        self._pending.extend(
+            (ts, mono, device, point, value, quality, priorities.get(point, Priority.NORMAL))
+            for point, value in values
+        )
+        if first:
+            self.on_pending()
 
     def add_event(self, payload: str) -> None:
         self._pending_events.append(payload)
+        self.on_pending()
 
     @property
     def pending(self) -> int:
@@ -323,6 +349,7 @@ class Buffer:
         self._pending_events = []
         self.last_seq = last
         self.depth += len(rows)
+        self._rows_until_cap_check -= len(rows) + len(events)
         self.commits += 1
         return len(rows)
 
@@ -354,13 +381,18 @@ class Buffer:
         return int((pages - free) * size)
 
     def _enforce_cap(self) -> None:
+        """Evicts down to the cap. Measuring costs three PRAGMAs, so it is done only once the
+        rows added since the last measurement could have used half the room that was left."""
         if self.max_bytes is None:
+            return
+        if self._rows_until_cap_check > 0:
             return
         for _ in range(16):
             used = self.used_bytes()
+            per_row = used / self.depth if self.depth else ASSUMED_ROW_BYTES
             if used <= self.max_bytes:
+                self._rows_until_cap_check = int((self.max_bytes - used) / per_row / 2)
                 break
-            per_row = used / max(self.depth, 1)
             excess = used - self.max_bytes * EVICTION_TARGET
             if not self._evict_rows(max(64, math.ceil(excess / per_row))):
                 self._evict_events(64)

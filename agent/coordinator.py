@@ -111,7 +111,8 @@ class Coordinator:
         health.polls += 1
         try:
             async with lock:
-                result = await asyncio.wait_for(driver.read(), device.timeout_s)
+                async with asyncio.timeout(device.timeout_s):
+                    result = await driver.read()
         except (DriverError, TimeoutError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
             self._failed(device.id, health, reason)
@@ -119,10 +120,10 @@ class Coordinator:
         stamp = self.stamp()
         priorities = self._priorities[device.id]
         alarms = self._alarms[device.id]
-        for point, value in result.values:
-            self.buffer.add(stamp, device.id, point, value, priorities.get(point, Priority.NORMAL))
-            watch = alarms.get(point)
-            if watch is not None and isinstance(value, int | float):
+        self.buffer.add_many(stamp, device.id, result.values, priorities)
+        for point, watch in alarms.items():
+            value = next((v for p, v in result.values if p == point), None)
+            if isinstance(value, int | float) and not isinstance(value, bool):
                 change = watch.update(float(value))
                 if change is not None:
                     log.warning("device %s: %s", device.id, change[0])

@@ -108,7 +108,8 @@ class Forwarder:
     async def _sleep_until_woken(self, timeout: float = 1.0) -> None:
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     def _next_batch(self, live: int, backlog: int, live_from: int) -> tuple[list[Row], bool]:
         rows = self.buffer.take(live, self.batch_max)
@@ -153,7 +154,8 @@ class Forwarder:
         deadline = loop.time() + self.ack_timeout_s
         while True:
             try:
-                await asyncio.wait_for(asyncio.shield(future), max(0.05, deadline - loop.time()))
+                async with asyncio.timeout(max(0.05, deadline - loop.time())):
+                    await asyncio.shield(future)
                 return
             except TimeoutError:
                 if self.link.connected:

@@ -77,6 +77,8 @@ class Agent:
             may_send=self.may_send,
         )
         self._events_wake = asyncio.Event()
+        self._pending = asyncio.Event()
+        self.buffer.on_pending = self._pending.set
         self._clock_ready = False  # synced, and buffered readings corrected
 
     def may_send(self) -> bool:
@@ -164,10 +166,14 @@ class Agent:
         log.info("agent stopped; %d readings still buffered", depth)
 
     async def _committer(self) -> None:
+        """Commits at most `commit_interval_s` after the first reading waiting, and at once
+        when `commit_max_readings` are waiting; sleeps while nothing waits."""
         interval = self.config.buffer.commit_interval_s
         limit = self.config.buffer.commit_max_readings
         loop = asyncio.get_running_loop()
         while True:
+            await self._pending.wait()
+            self._pending.clear()
             deadline = loop.time() + interval
             while self.buffer.pending < limit and (remaining := deadline - loop.time()) > 0:
                 await asyncio.sleep(min(remaining, 0.25))

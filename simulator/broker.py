@@ -36,6 +36,16 @@ def find_mosquitto() -> str:
     )
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports, each free on both 127.0.0.1 and ::1 when returned."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def free_port() -> int:
     """A TCP port free on both 127.0.0.1 and ::1."""
     for _ in range(50):

@@ -48,7 +48,9 @@ def build_device(
     profile = library.get(spec.profile)
     values = DeviceValues(profile, spec.seed, spec.base_temperature, spec.base_humidity)
     fault = Fault(spec.fault.kind, spec.fault.delay_s, spec.fault.code, spec.fault.spread)
-    return SimulatedModbusDevice(profile, values, unit=spec.unit, clock=clock, fault=fault)
+    device = SimulatedModbusDevice(profile, values, unit=spec.unit, clock=clock, fault=fault)
+    device.overrides.update(spec.values)
+    return device
 
 
 def sim_side(bus: RtuBus) -> Path:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from drivers.profiles import ProfileLibrary
 from wire.documents import line_of, read_yaml, validate_document
-from wire.errors import DocumentError
+from wire.errors import DocumentError, Problem
 from wire.models import Id
 
 
@@ -46,6 +46,9 @@ class SimulatedDevice(_Strict):
     base_temperature: float = 21.0
     base_humidity: float = 45.0
     fault: FaultSpec = FaultSpec()
+    values: dict[str, float | int | bool | str] = Field(
+        default_factory=dict, description="fixed values for some points, e.g. {co2: 1800}"
+    )
 
     @model_validator(mode="after")
     def _one_transport(self) -> SimulatedDevice:
@@ -95,6 +98,19 @@ def load_scenario(path: Path) -> tuple[Scenario, ProfileLibrary]:
             )
         )
     ]
+    for i, d in enumerate(scenario.devices):
+        if d.profile not in library.profiles:
+            continue
+        names = {point.name for point in library.get(d.profile).points}
+        problems.extend(
+            Problem(
+                f"devices.{i}.values.{name}",
+                f"{d.profile} has no point {name!r}",
+                line_of(root, ("devices", i, "values", name)),
+            )
+            for name in d.values
+            if name not in names
+        )
     if problems:
         raise DocumentError(str(path), problems)
     return scenario, library

@@ -2,8 +2,9 @@
 
 Air (temperature, humidity, CO2, dew point) comes from the classroom model; dust, noise and light
 follow the timetable; meters see a load that rises in lessons, on each phase (`_l1`, `_l2`, `_l3`)
-and in total, and their energy counters integrate it. A point with another name holds the middle
-of its valid range, or 0. Pure apart from the random generator it is given.
+and in total, and their energy counters integrate it. `wall_clock_ms` is the real time of the
+read (for latency measurements). A point with another name holds the middle of its valid range,
+or 0.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import time
 from dataclasses import dataclass, field
 
 from drivers.base import Value
@@ -110,6 +112,8 @@ class DeviceValues:
             total_energy=self.electrical.energy_kwh,
             export_energy=0.0,
             uptime=(self.last_s or 0.0) - (self.started_s or 0.0),
+            # Real (not simulated) time of the read, for measuring how old a value is on arrival.
+            wall_clock_ms=time.time() * 1000,
         )
         phases = [self.electrical.phase_values(p) for p in range(self.electrical.phases)]
         for name in phases[0]:

@@ -149,6 +149,11 @@ _STRUCT_FORMATS: Final = {
 }
 
 
+def struct_code(dtype: DataType) -> str:
+    """The `struct` format character of a data type (big-endian words are packed with '>')."""
+    return _STRUCT_FORMATS[dtype]
+
+
 def register_count(dtype: DataType) -> int:
     return struct.calcsize(_STRUCT_FORMATS[dtype]) // 2
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import struct
 import time
 from typing import Annotated, Any, Literal, Protocol
 
@@ -19,9 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from drivers.base import Driver, PollResult, Value
 from drivers.errors import DeviceTimeout, DriverError
-from drivers.modbus.codec import ModbusExceptionResponse, Table
-from drivers.modbus.plan import PointRef, ReadBlock, plan_reads, slice_block
-from drivers.modbus.points import check_range, decode_point, encode_point
+from drivers.modbus.codec import ModbusExceptionResponse, ModbusFrameError, Table
+from drivers.modbus.plan import PointRef, ReadBlock, plan_reads
+from drivers.modbus.points import (
+    Decoder,
+    check_range,
+    decode_point,
+    encode_point,
+    point_decoder,
+)
 from drivers.modbus.transport import ModbusTcpClient
 from drivers.profiles import ModbusPoint, PointType, Profile
 
@@ -115,6 +122,9 @@ class ModbusPool:
         self._clients.clear()
 
 
+_Member = tuple[str, int, int, Decoder, ModbusPoint | None, float | None]
+
+
 class ModbusDriver(Driver):
     def __init__(
         self,
@@ -130,9 +140,18 @@ class ModbusDriver(Driver):
         self._client = pool.client(connection)
         self.bus = self._client.address
         self._points = {point.name: point for point in profile.points}
+        self._decoders = {point.name: point_decoder(point) for point in profile.points}
+        self._checked = {
+            point.name: point
+            for point in profile.points
+            if point.min is not None or point.max is not None or point.kind.value.startswith("f")
+        }
         self._max_gap = connection.max_gap if coalesce else 0
         self._max_registers = profile.max_read_registers if coalesce else 1
         self._plans: dict[frozenset[str], list[ReadBlock]] = {}
+        self._all_points = frozenset(self._points)
+        self._scheduled = any(p.poll_interval_s is not None for p in profile.points)
+        self._layouts: dict[ReadBlock, list[_Member]] = {}
         self._next_due: dict[str, float] = {}
         self._answering = True
         self.requests = 0
@@ -152,11 +171,30 @@ class ModbusDriver(Driver):
         return self._plans[names]
 
     def due_points(self, now: float) -> frozenset[str]:
+        if not self._scheduled:
+            return self._all_points
         return frozenset(
             p.name
             for p in self.profile.points
             if p.poll_interval_s is None or now >= self._next_due.get(p.name, 0.0)
         )
+
+    def _layout(self, block: ReadBlock) -> list[_Member]:
+        """Where each member sits in the block's answer, with its decoder: worked out once."""
+        layout = self._layouts.get(block)
+        if layout is None:
+            layout = self._layouts[block] = [
+                (
+                    member.key,
+                    member.address - block.address,
+                    member.address - block.address + member.count,
+                    self._decoders[member.key],
+                    self._checked.get(member.key),
+                    self._points[member.key].poll_interval_s,
+                )
+                for member in block.members
+            ]
+        return layout
 
     async def open(self) -> None:
         await self._client.connect()
@@ -191,20 +229,21 @@ class ModbusDriver(Driver):
                 refused.append(exc)
                 result.rejected.extend((member.key, str(exc)) for member in block.members)
                 continue
-            for name, words in slice_block(block, raw).items():
-                point = self._points[name]
+            if len(raw) != block.count:
+                raise ModbusFrameError(f"asked for {block.count} items, got {len(raw)}")
+            for name, start, end, decode, checked, interval in self._layout(block):
                 try:
-                    value = decode_point(point, words)
-                except (ValueError, UnicodeDecodeError) as exc:
+                    value = decode(raw[start:end])
+                except (ValueError, UnicodeDecodeError, struct.error) as exc:
                     result.rejected.append((name, str(exc)))
                     continue
-                problem = check_range(point, value)
+                problem = None if checked is None else check_range(checked, value)
                 if problem is None:
                     result.values.append((name, value))
                 else:
                     result.rejected.append((name, problem))
-                if point.poll_interval_s is not None:
-                    self._next_due[name] = now + point.poll_interval_s
+                if interval is not None:
+                    self._next_due[name] = now + interval
         if len(refused) == len(plan):
             raise refused[0]  # refusing everything is a device fault, not a few bad points
         return result
