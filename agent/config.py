@@ -26,7 +26,7 @@ class _Section(BaseModel):
 class BufferSettings(_Section):
     path: Path = Path("/var/lib/campus-agent/buffer.db")
     max_mb: Annotated[float, Field(ge=0.1, le=1_000_000)] = 256.0
-    commit_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    commit_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.05
     commit_max_readings: Annotated[int, Field(ge=1)] = 5000
 
 
@@ -65,6 +65,7 @@ class AgentConfig(_Section):
     clock: ClockSettings = ClockSettings()
     profiles_dir: Path | None = None
     state_interval_s: Annotated[float, Field(ge=1)] = 60.0
+    poll_jitter_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     devices: list[DeviceConfig] = []
 

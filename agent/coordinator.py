@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -93,7 +94,9 @@ class Coordinator:
         self._bus_locks: dict[str, asyncio.Lock] = {}
         self._rejected_points: dict[tuple[str, str], str] = {}
 
-    def add(self, device: DeviceConfig, driver: Driver, profile: Profile) -> _DeviceLoop:
+    def add(
+        self, device: DeviceConfig, driver: Driver, profile: Profile, jitter_s: float = 0.0
+    ) -> _DeviceLoop:
         self.health[device.id] = DeviceHealth()
         self._priorities[device.id] = {
             point.name: Priority[point.priority.upper()] for point in profile.points
@@ -104,7 +107,7 @@ class Coordinator:
             if point.alarm is not None
         }
         lock = self._bus_locks.setdefault(driver.bus, asyncio.Lock())
-        return _DeviceLoop(self, device, driver, lock)
+        return _DeviceLoop(self, device, driver, lock, jitter_s)
 
     async def poll_once(self, device: DeviceConfig, driver: Driver, lock: asyncio.Lock) -> bool:
         health = self.health[device.id]
@@ -170,18 +173,28 @@ class Coordinator:
 
 class _DeviceLoop:
     def __init__(
-        self, coordinator: Coordinator, device: DeviceConfig, driver: Driver, lock: asyncio.Lock
+        self,
+        coordinator: Coordinator,
+        device: DeviceConfig,
+        driver: Driver,
+        lock: asyncio.Lock,
+        jitter_s: float = 0.0,
     ) -> None:
+        self.jitter_s = min(jitter_s, device.interval_s)
         self.coordinator = coordinator
         self.device = device
         self.driver = driver
         self.lock = lock
 
     async def run(self) -> None:
+        """Polls on the interval's boundaries (as Telegraf's round_interval does), so devices
+        with the same interval are read together and their readings share one commit and one
+        batch; `poll_jitter_s` spreads them when a shared network or bus needs it."""
         interval = self.device.interval_s
-        await asyncio.sleep(random.uniform(0, min(interval, 1.0)))
         loop = asyncio.get_running_loop()
-        next_at = loop.time()
+        now = loop.time()
+        next_at = math.ceil(now / interval) * interval + random.uniform(0, self.jitter_s)
+        await asyncio.sleep(next_at - now)
         while True:
             ok = await self.coordinator.poll_once(self.device, self.driver, self.lock)
             health = self.coordinator.health[self.device.id]

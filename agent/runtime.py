@@ -147,7 +147,7 @@ class Agent:
                 for device in self.config.devices:
                     profile = self.profiles.get(device.profile)
                     driver = self.drivers.build(profile, device.connection)
-                    loop = self.coordinator.add(device, driver, profile)
+                    loop = self.coordinator.add(device, driver, profile, self.config.poll_jitter_s)
                     tasks.append(group.create_task(loop.run(), name=f"poll:{device.id}"))
                 await stop.wait()
                 for task in tasks:
