@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from simulator.broker import free_port
+from simulator.broker import MosquittoBroker, free_port
 from tests.conftest import Processes, run_cli, wait_for, write_yaml
 
 pytestmark = pytest.mark.slow
@@ -144,3 +145,104 @@ def test_write_and_commands_with_read_back(site: dict[str, Any]) -> None:
     assert out_of_range.returncode == 2 and "above the profile's maximum" in out_of_range.stderr
     unknown = run_cli("campus-agent", "command", "--config", agent, "meter-1", "explode")
     assert unknown.returncode == 2 and "has no command 'explode'" in unknown.stderr
+
+
+def test_the_agent_daemon_polls_the_rtu_bus_and_raises_alarms(
+    tmp_path: Path, processes: Processes, broker: MosquittoBroker
+) -> None:
+    link = tmp_path / "ttyRS485-2"
+    scenario = write_yaml(
+        tmp_path / "daemon-scenario.yaml",
+        {
+            "rtu_buses": [{"name": "bus-1", "link": str(link)}],
+            "devices": [
+                {"id": "meter-1", "profile": "eastron-sdm120", "bus": "bus-1", "unit": 1},
+                {
+                    "id": "room-9-co2",
+                    "profile": "senseair-s8",
+                    "bus": "bus-1",
+                    "unit": 2,
+                    "values": {"co2": 1800},
+                },
+            ],
+        },
+    )
+    fleet = write_yaml(
+        tmp_path / "fleet.yaml",
+        {
+            "name": "fleet-rtu",
+            "mqtt": {"host": "::1", "port": broker.port},
+            "database": str(tmp_path / "fleet.db"),
+            "sites": ["school-rtu"],
+        },
+    )
+    rtu = {"type": "modbus-rtu", "port": str(link), "timeout_s": 0.5}
+    agent = write_yaml(
+        tmp_path / "daemon-agent.yaml",
+        {
+            "site": "school-rtu",
+            "gateway": "gw-1",
+            "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive_s": 5},
+            "buffer": {"path": str(tmp_path / "buffer.db")},
+            "clock": {"sync_check": "none"},
+            "devices": [
+                {
+                    "id": "meter-1",
+                    "profile": "eastron-sdm120",
+                    "interval_s": 0.5,
+                    "connection": {**rtu, "unit": 1},
+                },
+                {
+                    "id": "room-9-co2",
+                    "profile": "senseair-s8",
+                    "interval_s": 0.5,
+                    "connection": {**rtu, "unit": 2},
+                },
+            ],
+        },
+    )
+    processes.start("sim", "campus-sim", "run", str(scenario))
+    wait_for(lambda: processes.log("sim").count("on serial line") == 2, 15, what="RTU bus")
+    processes.start("fleet", "campus-fleet", "serve", "--config", str(fleet))
+    wait_for(lambda: "subscribed to" in processes.log("fleet"), 15, what="fleet subscribed")
+    processes.start("agent", "campus-agent", "run", "--config", str(agent))
+
+    def readings(device: str) -> list[dict[str, Any]]:
+        result = run_cli("campus-fleet", "--config", str(fleet), "readings", device, "--json")
+        return json.loads(result.stdout) if result.returncode == 0 else []
+
+    meter = wait_for(lambda: readings("meter-1"), 20, what="meter readings in the fleet")
+    voltage = [r["value"] for r in meter if r["point"] == "voltage"]
+    assert voltage and 220 < voltage[-1] < 240
+    co2 = wait_for(
+        lambda: [r for r in readings("room-9-co2") if r["point"] == "co2"], 20, what="co2"
+    )
+    assert co2[-1]["value"] == 1800
+
+    def alarms() -> list[dict[str, Any]]:
+        result = run_cli("campus-fleet", "--config", str(fleet), "events", "--json")
+        return [e for e in json.loads(result.stdout) if e["kind"] == "alarm"]
+
+    [alarm] = wait_for(alarms, 20, what="the co2 alarm event")
+    assert alarm["device"] == "room-9-co2" and alarm["message"] == "co2 1800 ppm above 1500"
+    assert alarm["data"]["state"] == "raised"
+    time.sleep(1.5)
+    assert len(alarms()) == 1, "an alarm is raised once, not at every poll"
+
+
+def test_profiles_check_lists_every_problem(tmp_path: Path) -> None:
+    good = run_cli("campus-fleet", "profiles", "check", "--json")
+    assert good.returncode == 0
+    assert len(json.loads(good.stdout)["valid"]) >= 9
+    bad_dir = tmp_path / "profiles"
+    bad_dir.mkdir()
+    (bad_dir / "acme-a.yaml").write_text(
+        "vendor: A\nmodel: A\nprotocol: modbus\nkind: sensor\nsource: s\npoints:\n"
+        "  - {name: t, table: input, address: 0, type: float33}\n"
+    )
+    (bad_dir / "acme-b.yaml").write_text("vendor: B\nprotocol: modbus\n")
+    result = run_cli("campus-fleet", "profiles", "check", str(bad_dir))
+    assert result.returncode == 1
+    assert "acme-a.yaml: line 7, points.0.type: Input should be" in result.stderr
+    assert "acme-b.yaml: line 1, model: Field required" in result.stderr
+    assert "acme-b.yaml: line 1, points: Field required" in result.stderr
