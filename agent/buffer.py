@@ -22,7 +22,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -225,6 +225,18 @@ class Buffer:
         self._db.close()
         self._db = None
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # SQLite may have rolled back itself (e.g. disk full)
+                db.execute("ROLLBACK")
+            raise
+
     @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
@@ -326,8 +338,7 @@ class Buffer:
         rows, events = self._pending, self._pending_events
         first = self.last_seq + 1
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             db.executemany(
                 "INSERT INTO readings "
                 "(seq, ts_ns, mono_ns, boot, device, point, value, quality, priority) "
@@ -340,11 +351,6 @@ class Buffer:
             db.executemany("INSERT INTO events (payload) VALUES (?)", [(e,) for e in events])
             last = first + len(rows) - 1
             db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (last,))
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # SQLite may have rolled back itself (e.g. disk full)
-                db.execute("ROLLBACK")
-            raise
         self._pending = []
         self._pending_events = []
         self.last_seq = last
@@ -408,15 +414,9 @@ class Buffer:
             "WHERE priority = ? ORDER BY seq LIMIT ?)",
             (priority, count),
         ).fetchone()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             db.execute("DELETE FROM readings WHERE priority = ? AND seq <= ?", (priority, last))
             db.execute("UPDATE meta SET value = value + ? WHERE key = 'evicted'", (n,))
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # SQLite may have rolled back itself (e.g. disk full)
-                db.execute("ROLLBACK")
-            raise
         self.depth -= n
         self.evicted += n
         summary = self._eviction

@@ -222,20 +222,8 @@ async def serve_tcp(devices: list[SimulatedModbusDevice], host: str, port: int) 
         address=(host, port),
         trace_packet=PacketFaults(devices, rtu=False),
     )
-    try:
-        await server.serve_forever(background=True)
-    except RuntimeError as exc:
-        raise ListenError(f"cannot listen on {host} port {port}: {exc}") from None
-    for device in devices:
-        log.info(
-            "%s (%s) listening on %s port %d, unit %d",
-            device.profile.model,
-            device.profile.id,
-            host,
-            port,
-            device.unit,
-        )
-    await _serve_until_cancelled(server)
+    where = f"listening on {host} port {port}"
+    await _serve(server, devices, where, f"cannot listen on {host} port {port}")
 
 
 async def serve_rtu(devices: list[SimulatedModbusDevice], port: str, baudrate: int) -> None:
@@ -247,18 +235,21 @@ async def serve_rtu(devices: list[SimulatedModbusDevice], port: str, baudrate: i
         baudrate=baudrate,
         trace_packet=PacketFaults(devices, rtu=True),
     )
+    await _serve(server, devices, f"on serial line {port}", f"cannot open serial line {port}")
+
+
+async def _serve(
+    server: ModbusTcpServer | ModbusSerialServer,
+    devices: list[SimulatedModbusDevice],
+    where: str,
+    failure: str,
+) -> None:
     try:
         await server.serve_forever(background=True)
     except RuntimeError as exc:
-        raise ListenError(f"cannot open serial line {port}: {exc}") from None
+        raise ListenError(f"{failure}: {exc}") from None
     for device in devices:
-        log.info(
-            "%s (%s) on serial line %s, unit %d",
-            device.profile.model,
-            device.profile.id,
-            port,
-            device.unit,
-        )
+        log.info("%s (%s) %s, unit %d", device.profile.model, device.profile.id, where, device.unit)
     await _serve_until_cancelled(server)
 
 
