@@ -93,6 +93,9 @@ class Coordinator:
         self.health: dict[str, DeviceHealth] = {}
         self._bus_locks: dict[str, asyncio.Lock] = {}
         self._rejected_points: dict[tuple[str, str], str] = {}
+        #: Polls in progress, and an event set whenever none is: the end of a poll round.
+        self.polling = 0
+        self.quiet = asyncio.Event()
 
     def add(
         self, device: DeviceConfig, driver: Driver, profile: Profile, jitter_s: float = 0.0
@@ -110,6 +113,16 @@ class Coordinator:
         return _DeviceLoop(self, device, driver, lock, jitter_s)
 
     async def poll_once(self, device: DeviceConfig, driver: Driver, lock: asyncio.Lock) -> bool:
+        self.polling += 1
+        self.quiet.clear()
+        try:
+            return await self._poll(device, driver, lock)
+        finally:
+            self.polling -= 1
+            if self.polling == 0:
+                self.quiet.set()
+
+    async def _poll(self, device: DeviceConfig, driver: Driver, lock: asyncio.Lock) -> bool:
         health = self.health[device.id]
         health.polls += 1
         try:

@@ -7,6 +7,7 @@ Everything runs in one TaskGroup. A planned stop commits the buffer, publishes a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from agent import __version__
@@ -166,17 +167,23 @@ class Agent:
         log.info("agent stopped; %d readings still buffered", depth)
 
     async def _committer(self) -> None:
-        """Commits at most `commit_interval_s` after the first reading waiting, and at once
-        when `commit_max_readings` are waiting; sleeps while nothing waits."""
+        """Commits when a poll round is over (no poll in progress), or `commit_interval_s` after
+        the first reading waiting, or at once when `commit_max_readings` wait; sleeps while
+        nothing waits. With polls aligned, that is one commit per round, right after it."""
         interval = self.config.buffer.commit_interval_s
         limit = self.config.buffer.commit_max_readings
         loop = asyncio.get_running_loop()
+        quiet = self.coordinator.quiet
         while True:
             await self._pending.wait()
             self._pending.clear()
             deadline = loop.time() + interval
             while self.buffer.pending < limit and (remaining := deadline - loop.time()) > 0:
-                await asyncio.sleep(min(remaining, 0.25))
+                if self.coordinator.polling == 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(remaining, 0.25)):
+                        await quiet.wait()
             if self.buffer.commit():
                 self.forwarder.wake()
             self._events_wake.set()
