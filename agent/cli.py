@@ -150,7 +150,7 @@ def probe(config_path: Path, devices: tuple[str, ...], as_json: bool) -> None:
         for result in results:
             title = f"{result.device} ({result.profile}) — {result.seconds * 1000:.0f} ms"
             if result.error:
-                console.print(f"[red]{title}: no answer: {result.error}[/]")
+                console.print(f"[red]{title}: failed: {result.error}[/]")
                 continue
             table = Table(title=title)
             for column in ("point", "value", "unit"):

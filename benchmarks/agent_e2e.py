@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument(
         "--commit-interval",
         type=float,
-        default=0.02,
+        default=0.01,
         help="the agent's buffer.commit_interval_s (latency against SD writes)",
     )
     args = parser.parse_args()

@@ -171,6 +171,22 @@ class ModbusPoint(_Strict):
         return (value - self.offset) / self.scale
 
 
+TRUE_WORDS = ("on", "true", "1", "yes")
+FALSE_WORDS = ("off", "false", "0", "no")
+
+
+def to_bool(value: Any) -> bool:
+    """on/off, true/false, yes/no, 1/0 (as words or numbers); ValueError for anything else."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"{value!r} is not on/off (true/false)")
+
+
 class Argument(_Strict):
     """What a command accepts; checked before anything is written."""
 
@@ -190,18 +206,13 @@ class Argument(_Strict):
     def check(self, value: Any) -> int | float | bool:
         """The value to write, or ValueError naming what is wrong with `value`."""
         if self.type == "bool":
-            if isinstance(value, bool):
-                return value
-            if value in ("on", "true", 1, "1"):
-                return True
-            if value in ("off", "false", 0, "0"):
-                return False
-            raise ValueError(f"{value!r} is not on/off (true/false)")
+            return to_bool(value)
         if self.type == "choice":
             assert self.choices is not None
-            if value not in self.choices:
+            word = value if value in self.choices else str(value)  # 9600 given for "9600"
+            if word not in self.choices:
                 raise ValueError(f"{value!r} is not one of {', '.join(self.choices)}")
-            return self.choices[value]
+            return self.choices[word]
         try:
             number: int | float = int(value) if self.type == "int" else float(value)
         except (TypeError, ValueError):
@@ -225,7 +236,11 @@ class Command(_Strict):
     point: PointName | None = None
     table: Literal[Table.HOLDING, Table.COIL] | None = None
     address: Annotated[int, Field(ge=0, le=65535)] | None = None
-    value: int | None = Field(None, description="the raw value a fixed command writes")
+    value: int | None = Field(
+        None,
+        description="what a fixed command writes: raw for a table + address, in the point's "
+        "unit for a point",
+    )
     argument: Argument | None = None
     readback: bool = Field(True, description="read the target again and compare")
 
@@ -238,8 +253,8 @@ class Command(_Strict):
             raise ValueError("a raw command needs both 'table' and 'address'")
         if raw and (self.value is None) == (self.argument is None):
             raise ValueError("a raw command needs either a fixed 'value' or an 'argument'")
-        if self.point is not None and self.value is not None and self.argument is not None:
-            raise ValueError("a fixed 'value' and an 'argument' exclude each other")
+        if self.point is not None and (self.value is None) == (self.argument is None):
+            raise ValueError("a point command needs either a fixed 'value' or an 'argument'")
         return self
 
 
@@ -256,7 +271,7 @@ class Profile(_Strict):
         125, description="the most registers the device answers in one read request"
     )
     write_multiple_only: bool = Field(
-        False, description="the device refuses FC06/FC05: write every register with FC16"
+        False, description="the device refuses FC06: write every register with FC16"
     )
     points: Annotated[list[ModbusPoint], Field(min_length=1)]
     commands: list[Command] = []

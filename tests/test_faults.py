@@ -117,9 +117,12 @@ class System:
     def agent_meta(self) -> dict[str, int]:
         if not self.buffer.exists():
             return {"last_seq": 0, "depth": 0, "evicted": 0}
-        with sqlite3.connect(f"file:{self.buffer}?mode=ro", uri=True, timeout=5) as db:
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-            meta["depth"] = db.execute("SELECT count(*) FROM readings").fetchone()[0]
+        try:
+            with sqlite3.connect(f"file:{self.buffer}?mode=ro", uri=True, timeout=5) as db:
+                meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+                meta["depth"] = db.execute("SELECT count(*) FROM readings").fetchone()[0]
+        except sqlite3.OperationalError:  # the agent is still creating its tables
+            return {"last_seq": 0, "depth": 0, "evicted": 0}
         return meta
 
     def stored(self) -> list[tuple[int, str]]:

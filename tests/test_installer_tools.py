@@ -135,6 +135,10 @@ def test_write_and_commands_with_read_back(site: dict[str, Any]) -> None:
     values = {v["point"]: v["value"] for v in probe[0]["values"]}
     assert values["relay_1"] is True and values["safe_mode_timeout"] == 120
 
+    off = run_cli("campus-agent", "write", "--config", agent, "relays-1", "relay_1", "off")
+    assert off.returncode == 0 and json.loads(off.stdout)["value"] is False, off.stderr
+    dim = run_cli("campus-agent", "write", "--config", agent, "relays-1", "relay_1", "dim")
+    assert dim.returncode == 2 and "not on/off" in dim.stderr
     bad = run_cli("campus-agent", "command", "--config", agent, "relays-1", "set_relay_1", "dim")
     assert bad.returncode == 2 and "not on/off" in bad.stderr
     read_only = run_cli("campus-agent", "write", "--config", agent, "meter-1", "voltage", "1")

@@ -102,12 +102,22 @@ def test_commands_are_checked_against_points() -> None:
         "points": [{"name": "addr", "table": "holding", "address": 0}],
     }
     with pytest.raises(ValidationError, match="point 'addr' is not read-write"):
-        Profile.model_validate({**base, "commands": [{"name": "set", "point": "addr"}]})
+        Profile.model_validate({**base, "commands": [{"name": "set", "point": "addr", "value": 1}]})
     with pytest.raises(ValidationError, match="no point 'nope'"):
-        Profile.model_validate({**base, "commands": [{"name": "set", "point": "nope"}]})
+        Profile.model_validate({**base, "commands": [{"name": "set", "point": "nope", "value": 1}]})
     with pytest.raises(ValidationError, match="either a fixed 'value' or an 'argument'"):
         Profile.model_validate(
             {**base, "commands": [{"name": "reset", "table": "holding", "address": 9}]}
+        )
+    with pytest.raises(ValidationError, match="a point command needs either a fixed 'value'"):
+        Profile.model_validate(
+            {
+                **base,
+                "points": [
+                    {"name": "addr", "table": "holding", "address": 0, "access": "read-write"}
+                ],
+                "commands": [{"name": "set", "point": "addr"}],
+            }
         )
     with pytest.raises(ValidationError, match="either to a 'point' or to a 'table' \\+ 'address'"):
         Profile.model_validate({**base, "commands": [{"name": "x", "value": 1}]})
@@ -125,6 +135,9 @@ def test_commands_are_checked_against_points() -> None:
         ({"type": "bool"}, "maybe", None, "not on/off"),
         ({"type": "choice", "choices": {"9600": 3, "19200": 4}}, "19200", 4, None),
         ({"type": "choice", "choices": {"9600": 3}}, "57600", None, "not one of 9600"),
+        ({"type": "choice", "choices": {"9600": 3}}, 9600, 3, None),
+        ({"type": "bool"}, "OFF", False, None),
+        ({"type": "bool"}, 0, False, None),
     ],
 )
 def test_command_arguments(

@@ -30,7 +30,7 @@ from drivers.modbus.points import (
     point_decoder,
 )
 from drivers.modbus.transport import ModbusTcpClient
-from drivers.profiles import ModbusPoint, PointType, Profile
+from drivers.profiles import ModbusPoint, PointType, Profile, to_bool
 
 
 class ModbusTcpConnection(BaseModel):
@@ -252,7 +252,7 @@ class ModbusDriver(Driver):
         raw = await self._client.read(self.unit, point.table, point.address, point.count)
         return decode_point(point, raw)
 
-    async def write(self, name: str, value: Value) -> Value:
+    async def write(self, name: str, value: Value, *, readback: bool = True) -> Value:
         """Writes a read-write point (engineering units), reads it back, and returns what the
         device now holds. ValueError: the request is wrong (nothing written); DriverError: the
         device failed or kept another value."""
@@ -261,10 +261,14 @@ class ModbusDriver(Driver):
             raise ValueError(f"{self.profile.id} has no point {name!r}")
         if not point.writable:
             raise ValueError(f"{self.profile.id} point {name!r} is read-only")
+        if point.kind is PointType.BOOL:
+            value = to_bool(value)
         problem = check_range(point, value)
         if problem is not None:
             raise ValueError(f"{name}: {problem}")
         await self._write_raw(point, value)
+        if not readback:
+            return value
         written = await self.read_point(point)
         if not _same(written, value, point):
             raise DriverError(f"{name}: wrote {value!r}, the device reads back {written!r}")
@@ -304,7 +308,7 @@ class ModbusDriver(Driver):
             assert command.value is not None
             value = command.value
         if command.point is not None:
-            written = await self.write(command.point, value)
+            written = await self.write(command.point, value, readback=command.readback)
             return {"command": name, "point": command.point, "value": written}
         assert command.table is not None and command.address is not None
         if command.table is Table.COIL:
