@@ -231,7 +231,10 @@ def test_buffer_cap_during_a_long_outage(
     assert on_disk <= cap_mb * 1_000_000 * 1.6, f"buffer files take {on_disk} bytes"
     with sqlite3.connect(f"file:{system.buffer}?mode=ro", uri=True) as db:
         points = dict(db.execute("SELECT point, count(*) FROM readings GROUP BY point"))
-    assert points.get("uptime", 0) == 0, "low priority readings are evicted first"
+    # Each eviction removes every low-priority reading before a normal one; the cap is measured
+    # every few commits, so only readings taken since the last measurement can be left.
+    assert points.get("uptime", 0) * 20 < points["co2"], "low priority readings go first"
+    assert points["temperature"] > points["co2"], "high priority readings go last"
     assert processes.running[agent].poll() is None, "the agent keeps running"
 
     own_broker.start()
