@@ -10,7 +10,9 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -24,15 +26,21 @@ from wire.errors import DocumentError
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 
+T = TypeVar("T")
+
 CONFIG_HELP = "Agent configuration file (YAML); see the README's configuration reference."
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"campus-agent: {message}", err=True)
+    sys.exit(code)
 
 
 def _load(config_path: Path) -> tuple[AgentConfig, ProfileLibrary]:
     try:
         return load_config(config_path)
     except DocumentError as exc:
-        click.echo(f"campus-agent: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+        fail(str(exc), EXIT_CONFIG)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,8 +101,7 @@ def run(config_path: Path, log_level: str | None) -> None:
     try:
         asyncio.run(main_loop())
     except BufferError as exc:
-        click.echo(f"campus-agent: buffer unusable: {exc}", err=True)
-        sys.exit(EXIT_RUNTIME)
+        fail(f"buffer unusable: {exc}", EXIT_RUNTIME)
 
 
 def _device_or_exit(config: AgentConfig, name: str) -> DeviceConfig:
@@ -103,8 +110,19 @@ def _device_or_exit(config: AgentConfig, name: str) -> DeviceConfig:
     try:
         return select(config, [name])[0]
     except KeyError as exc:
-        click.echo(f"campus-agent: {exc.args[0]}", err=True)
-        sys.exit(EXIT_CONFIG)
+        fail(exc.args[0], EXIT_CONFIG)
+
+
+def _on_device(action: Coroutine[Any, Any, T], device: str, refused_prefix: str) -> T:
+    """Runs a write or a command: a refused request exits 2, a failing device 1."""
+    from drivers.errors import DriverError
+
+    try:
+        return asyncio.run(action)
+    except ValueError as exc:
+        fail(f"{refused_prefix}{exc}", EXIT_CONFIG)
+    except DriverError as exc:
+        fail(f"{device}: {exc}", EXIT_RUNTIME)
 
 
 def _parse_value(text: str) -> Value:
@@ -140,8 +158,7 @@ def probe(config_path: Path, devices: tuple[str, ...], as_json: bool) -> None:
     try:
         chosen = select(config, devices)
     except KeyError as exc:
-        click.echo(f"campus-agent: {exc.args[0]}", err=True)
-        sys.exit(EXIT_CONFIG)
+        fail(exc.args[0], EXIT_CONFIG)
     results = asyncio.run(run_probe(config, library, chosen))
     if as_json:
         click.echo(json.dumps([result.__dict__ for result in results], indent=2))
@@ -179,7 +196,6 @@ def write(config_path: Path, device: str, point: str, value: str) -> None:
     value, 2 when the point is unknown, read-only or the value is out of its range.
     """
     from agent.tools import write as run_write
-    from drivers.errors import DriverError
 
     config, library = _load(config_path)
     target = _device_or_exit(config, device)
@@ -188,21 +204,10 @@ def write(config_path: Path, device: str, point: str, value: str) -> None:
         spec = profile.point(point)
     except KeyError:
         names = ", ".join(p.name for p in profile.points if p.writable) or "none"
-        click.echo(
-            f"campus-agent: {profile.id} has no point {point!r} (writable: {names})", err=True
-        )
-        sys.exit(EXIT_CONFIG)
+        fail(f"{profile.id} has no point {point!r} (writable: {names})", EXIT_CONFIG)
     if not spec.writable:
-        click.echo(f"campus-agent: {profile.id} point {point!r} is read-only", err=True)
-        sys.exit(EXIT_CONFIG)
-    try:
-        written = asyncio.run(run_write(library, target, point, _parse_value(value)))
-    except ValueError as exc:
-        click.echo(f"campus-agent: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    except DriverError as exc:
-        click.echo(f"campus-agent: {device}: {exc}", err=True)
-        sys.exit(EXIT_RUNTIME)
+        fail(f"{profile.id} point {point!r} is read-only", EXIT_CONFIG)
+    written = _on_device(run_write(library, target, point, _parse_value(value)), device, "")
     click.echo(json.dumps({"device": device, "point": point, "value": written}))
 
 
@@ -220,7 +225,6 @@ def command(config_path: Path, device: str, name: str, argument: str | None) -> 
     success, 1 when the device fails, 2 for an unknown command or a bad argument.
     """
     from agent.tools import command as run_command
-    from drivers.errors import DriverError
 
     config, library = _load(config_path)
     target = _device_or_exit(config, device)
@@ -228,17 +232,9 @@ def command(config_path: Path, device: str, name: str, argument: str | None) -> 
     try:
         profile.command(name)
     except KeyError as exc:
-        click.echo(f"campus-agent: {exc.args[0]}", err=True)
-        sys.exit(EXIT_CONFIG)
+        fail(exc.args[0], EXIT_CONFIG)
     value = None if argument is None else _parse_value(argument)
-    try:
-        result = asyncio.run(run_command(library, target, name, value))
-    except ValueError as exc:
-        click.echo(f"campus-agent: {name}: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    except DriverError as exc:
-        click.echo(f"campus-agent: {device}: {exc}", err=True)
-        sys.exit(EXIT_RUNTIME)
+    result = _on_device(run_command(library, target, name, value), device, f"{name}: ")
     click.echo(json.dumps({"device": device, **result}))
 
 
