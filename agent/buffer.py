@@ -138,6 +138,7 @@ class Buffer:
                 self.seq_file,
             )
             self.last_seq = self._reserved
+            self.db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (self.last_seq,))
         self.commit()
 
     def _connect(self) -> sqlite3.Connection:
@@ -181,6 +182,7 @@ class Buffer:
                 priority INTEGER NOT NULL DEFAULT 1
             );
             CREATE INDEX IF NOT EXISTS readings_by_priority ON readings (priority, seq);
+            CREATE INDEX IF NOT EXISTS readings_unsynced ON readings (seq) WHERE quality & 1 != 0;
             CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, payload TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
             """
@@ -255,7 +257,12 @@ class Buffer:
         """Writes (fsynced, atomically) a bound above every seq that will be committed."""
         if upto <= self._reserved:
             return
-        reserved = upto + SEQ_RESERVATION
+        try:
+            self._write_reservation(upto + SEQ_RESERVATION)
+        except OSError as exc:  # e.g. the disk is full: meta.last_seq still keeps numbers rising
+            log.error("cannot write %s: %s", self.seq_file, exc)
+
+    def _write_reservation(self, reserved: int) -> None:
         temporary = self.seq_file.with_name(self.seq_file.name + ".tmp")
         with temporary.open("w") as handle:
             handle.write(f"{reserved}\n")
@@ -469,10 +476,11 @@ class Buffer:
     def correct_unsynced(self, offset_ns: int, unsynced: int, corrected: int) -> int:
         """Recomputes wall time from monotonic time for this boot's unsynced readings."""
         self.commit()
+        assert unsynced == 1, "the partial index readings_unsynced is on quality & 1"
         cursor = self.db.execute(
-            "UPDATE readings SET ts_ns = mono_ns + ?, quality = (quality & ~?) | ? "
-            "WHERE (quality & ?) != 0 AND boot = ?",
-            (offset_ns, unsynced, corrected, unsynced, self.boot),
+            "UPDATE readings SET ts_ns = mono_ns + ?, quality = (quality & ~1) | ? "
+            "WHERE quality & 1 != 0 AND boot = ?",
+            (offset_ns, corrected, self.boot),
         )
         return cursor.rowcount
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import time
 from pathlib import Path
@@ -63,10 +64,15 @@ class _Timex(ctypes.Structure):
 TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)  # runs ldconfig: once
+
+
 def kernel_says_synced() -> bool | None:
     """adjtimex(2) with modes=0 only reads; TIME_ERROR or STA_UNSYNC mean 'not synced'.
     None when the call is refused (a seccomp filter such as systemd's ProtectClock=yes)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = _libc()
     timex = _Timex()
     state = libc.adjtimex(ctypes.byref(timex))
     if state == -1:

@@ -214,6 +214,6 @@ class _DeviceLoop:
             factor = 1 if ok else min(2 ** (health.consecutive_failures - 1), MAX_BACKOFF_FACTOR)
             next_at += interval * factor
             now = loop.time()
-            if next_at < now:  # overran: skip missed slots instead of bursting
-                next_at = now + interval * factor
+            if next_at < now:  # overran: skip the missed slots, stay on the grid
+                next_at += math.ceil((now - next_at) / interval) * interval
             await asyncio.sleep(next_at - now)

@@ -79,6 +79,7 @@ class Forwarder:
         self._wake = asyncio.Event()
         self._failed = False
         self._refused = False
+        self._refusal_reported = False
         self._backlog_in_flight = 0
         self._in_flight: set[asyncio.Task[None]] = set()
 
@@ -171,14 +172,16 @@ class Forwarder:
         except PublishRefused as exc:
             self.stats.refusals += 1
             self._failed = self._refused = True
-            log.error("telemetry %d..%d refused by the broker: %s", first, last, exc.reason)
-            self.events.raise_event(
-                EventKind.REJECTED_INPUT,
-                f"broker refused telemetry: {exc.reason}",
-                reason_code=exc.reason_code,
-                first_seq=first,
-                last_seq=last,
-            )
+            if not self._refusal_reported:  # once per run of refusals: events must not
+                self._refusal_reported = True  # crowd out the readings they are about
+                log.error("telemetry %d..%d refused by the broker: %s", first, last, exc.reason)
+                self.events.raise_event(
+                    EventKind.REJECTED_INPUT,
+                    f"broker refused telemetry: {exc.reason}",
+                    reason_code=exc.reason_code,
+                    first_seq=first,
+                    last_seq=last,
+                )
         except TimeoutError:
             self.stats.timeouts += 1
             self._failed = True
@@ -191,6 +194,7 @@ class Forwarder:
         else:
             self.buffer.delete_range(first, last)
             self.stats.readings_acked += count
+            self._refusal_reported = False
         finally:
             if from_backlog:
                 self._backlog_in_flight -= 1

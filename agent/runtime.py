@@ -157,14 +157,21 @@ class Agent:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        await self.forwarder.settle(timeout=5)
-        self.buffer.commit()
-        payload = encode(self.state(Status.OFFLINE, reason="agent stopped"))
-        await self.link.stop(final_publish=(self._topics[Channel.STATE], payload))
-        await self.drivers.close()
-        depth = self.buffer.depth
-        self.buffer.close()
-        log.info("agent stopped; %d readings still buffered", depth)
+        """Every step runs even when one before it fails; the first failure is raised last."""
+        try:
+            await self.forwarder.settle(timeout=5)
+            self.buffer.commit()
+        finally:
+            try:
+                payload = encode(self.state(Status.OFFLINE, reason="agent stopped"))
+                await self.link.stop(final_publish=(self._topics[Channel.STATE], payload))
+            finally:
+                try:
+                    await self.drivers.close()
+                finally:
+                    depth = self.buffer.depth
+                    self.buffer.close()
+                    log.info("agent stopped; %d readings still buffered", depth)
 
     async def _committer(self) -> None:
         """Commits when a poll round is over (no poll in progress), or `commit_interval_s` after

@@ -142,6 +142,8 @@ class ModbusPoint(_Strict):
             raise ValueError(f"a point in the {self.table} table is a bool, not {kind}")
         if (self.bit is not None) != (kind is PointType.BOOL and not self.table.is_bits):
             raise ValueError("'bit' is needed by, and only by, a bool kept in a register")
+        if self.bit is not None and self.byte_order is ByteOrder.LITTLE:
+            raise ValueError("give 'bit' as numbered after the byte swap: use byte_order big")
         if (self.bits is not None) != (kind is PointType.BITFIELD):
             raise ValueError("'bits' is needed by, and only by, a bitfield")
         if (self.length is not None) != (kind is PointType.STRING):

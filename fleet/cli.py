@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,12 @@ class Context:
         path = self.db_path or self.config.database
         if not path.exists():
             fail(f"no fleet database at {path} (has 'campus-fleet serve' run yet?)", EXIT_RUNTIME)
-        return Store(path)
+        try:
+            store = Store(path, read_only=True)
+            store.conn.execute("SELECT count(*) FROM gateways").fetchone()
+        except sqlite3.Error as exc:
+            fail(f"cannot read the fleet database {path}: {exc}", EXIT_RUNTIME)
+        return store
 
 
 pass_context = click.make_pass_decorator(Context)

@@ -49,7 +49,7 @@ class Ingest:
                 if not message.payload:
                     return  # a retained state being cleared
                 state = decode(GatewayState, message.topic, message.payload)
-                self.store.record_state(site, gateway, state)
+                self.store.record_state(site, gateway, state, retained=message.retain)
             elif channel is Channel.EVENTS:
                 self.store.record_event(
                     site, gateway, decode(Event, message.topic, message.payload)

@@ -119,13 +119,20 @@ class IngestResult:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """`read_only` for the CLI: no schema changes, no write lock, nothing created."""
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        if read_only:
+            self.conn = sqlite3.connect(
+                f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA busy_timeout=5000")
         self.db = sqlite_utils.Database(self.conn)
-        self._create()
+        if not read_only:
+            self._create()
 
     def _create(self) -> None:
         db = self.db
@@ -162,7 +169,8 @@ class Store:
     def _touch_gateway(self, site: str, gateway: str, now_ns: int) -> None:
         self.conn.execute(
             "INSERT INTO gateways (site, gateway, first_seen_ns, last_seen_ns) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (site, gateway) DO UPDATE SET last_seen_ns = excluded.last_seen_ns",
+            "ON CONFLICT (site, gateway) DO UPDATE SET "
+            "last_seen_ns = max(coalesce(last_seen_ns, 0), excluded.last_seen_ns)",
             (site, gateway, now_ns, now_ns),
         )
 
@@ -206,9 +214,13 @@ class Store:
         )
         return IngestResult(new, duplicates)
 
-    def record_state(self, site: str, gateway: str, state: GatewayState) -> None:
-        now = time.time_ns()
-        self._touch_gateway(site, gateway, now)
+    def record_state(
+        self, site: str, gateway: str, state: GatewayState, *, retained: bool = False
+    ) -> None:
+        """A retained state is the broker's copy, delivered again at every subscription: it
+        says what the gateway last reported, not that it was seen now."""
+        seen_ns = (state.ts_ns or 0) if retained else time.time_ns()
+        self._touch_gateway(site, gateway, seen_ns)
         fields: dict[str, Any] = {"status": state.status.value, "reason": state.reason}
         if state.status is Status.ONLINE:
             fields["reason"] = None

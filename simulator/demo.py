@@ -21,10 +21,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from simulator.broker import BrokerError, MosquittoBroker, free_port
+from simulator.broker import BrokerError, MosquittoBroker, free_ports
 from simulator.processes import stop_group
 
 SITE = "demo-school"
+MARKER = ".campus-demo"
 GATEWAY = "gw-main"
 POINTS = ("temperature", "humidity", "co2", "dew_point")
 LABELS = {"temperature": "temp °C", "humidity": "RH %", "co2": "CO2 ppm", "dew_point": "dew pt °C"}
@@ -59,12 +60,13 @@ class Demo:
     # -- set-up --------------------------------------------------------------------------------
 
     def write_configs(self) -> None:
+        ports = [p for p in free_ports(self.rooms + 1) if p != self.broker.port][: self.rooms]
         devices = [
             {
                 "id": f"room-{101 + i}-env",
                 "profile": "campussim-thc100",
                 "host": "127.0.0.1",
-                "port": free_port(),
+                "port": ports[i],
                 "unit": 1,
                 "seed": 101 + i,
                 "base_temperature": 20.5 + 0.7 * i,
@@ -119,9 +121,16 @@ class Demo:
         )
 
     def start(self) -> None:
-        if self.workdir.exists():
+        marker = self.workdir / MARKER
+        if self.workdir.exists() and any(self.workdir.iterdir()):
+            if not marker.exists():
+                raise DemoError(
+                    f"{self.workdir} is not empty and not an earlier demo's folder: "
+                    "give --workdir a new or empty folder"
+                )
             shutil.rmtree(self.workdir)
-        self.workdir.mkdir(parents=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        marker.write_text("made by campus-sim demo; emptied at each start\n")
         try:
             self.broker.start()
         except BrokerError as exc:
@@ -172,7 +181,7 @@ class Demo:
         path = self.workdir / "fleet.db"
         if not path.exists():
             return [], []
-        store = Store(path)
+        store = Store(path, read_only=True)
         try:
             return store.gateways(), store.latest()
         finally:

@@ -190,7 +190,7 @@ class PacketFaults:
         unit_at = 0 if self.rtu else 6
         if len(packet) <= unit_at:
             return packet
-        device = self.devices.get(packet[unit_at])
+        device = self.devices.get(packet[unit_at]) or self.devices.get(0)
         kind = device.fault.kind if device is not None else "none"
         if kind == "offline":
             return b""

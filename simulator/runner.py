@@ -39,7 +39,10 @@ def scenario_clock(scenario: Scenario) -> Callable[[], float]:
         midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
         sim_start = midnight.timestamp() + hours * 3600 + minutes * 60
     scale = scenario.time_scale
-    return lambda: sim_start + (time.time() - real_start) * scale
+    # The model's day runs on its clock modulo 86,400 s: shift it so that its hours are local.
+    local = datetime.now().astimezone().utcoffset()
+    shift = local.total_seconds() if local is not None else 0.0
+    return lambda: sim_start + shift + (time.time() - real_start) * scale
 
 
 def build_device(

@@ -23,7 +23,7 @@ class FaultSpec(_Strict):
         "none", "offline", "slow", "exception", "stuck", "noisy", "wrong_unit", "garbled"
     ] = "none"
     delay_s: Annotated[float, Field(ge=0, le=60)] = 0.5
-    code: Annotated[int, Field(ge=1, le=11)] = 4
+    code: Literal[1, 2, 3, 4, 5, 6, 8, 10, 11] = Field(4, description="Modbus exception code")
     spread: Annotated[float, Field(ge=0, le=10)] = 0.3
 
 
@@ -110,6 +110,16 @@ def load_scenario(path: Path) -> tuple[Scenario, ProfileLibrary]:
             )
             for name in d.values
             if name not in names
+        )
+        bits = {p.name for p in library.get(d.profile).points if p.table.is_bits}
+        problems.extend(
+            Problem(
+                f"devices.{i}.values.{name}",
+                "coils and discrete inputs keep what was written, not fixed values",
+                line_of(root, ("devices", i, "values", name)),
+            )
+            for name in d.values
+            if name in bits
         )
     if problems:
         raise DocumentError(str(path), problems)

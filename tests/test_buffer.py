@@ -69,6 +69,23 @@ def test_a_deleted_buffer_continues_above_its_reservation(tmp_path: Path) -> Non
     fresh.close()
 
 
+def test_the_jump_above_the_reservation_survives_a_restart_before_any_reading(
+    tmp_path: Path,
+) -> None:
+    first = opened(tmp_path / "b.db")
+    first.add(GOOD, "room-1", "co2", 1)
+    first.commit()
+    first.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{tmp_path / 'b.db'}{suffix}").unlink(missing_ok=True)
+    opened(tmp_path / "b.db").close()  # new file, stopped before its first reading
+    again = opened(tmp_path / "b.db")
+    again.add(GOOD, "room-1", "co2", 2)
+    again.commit()
+    assert again.take(0, 1)[0][0] > 1
+    again.close()
+
+
 def test_a_foreign_sqlite_file_is_kept_aside_and_a_fresh_buffer_started(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
     with sqlite3.connect(path) as db:

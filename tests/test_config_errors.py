@@ -138,3 +138,19 @@ def test_fleet_cli_without_a_database(tmp_path: Path) -> None:
     result = run_cli("campus-fleet", "--db", str(tmp_path / "none.db"), "gateways", "list")
     assert result.returncode == 1
     assert "no fleet database" in result.stderr
+
+
+def test_fleet_cli_on_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    (tmp_path / "fleet.db").write_bytes(b"not a database at all" * 200)
+    result = run_cli("campus-fleet", "--db", str(tmp_path / "fleet.db"), "stats")
+    assert result.returncode == 1
+    assert "cannot read the fleet database" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("homework")
+    result = run_cli("campus-sim", "demo", "--workdir", str(tmp_path), "--duration", "1")
+    assert result.returncode == 1
+    assert "not an earlier demo's folder" in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "homework"

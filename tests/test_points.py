@@ -171,6 +171,12 @@ def test_alarm_raises_once_and_clears_with_hysteresis() -> None:
     assert cleared is not None and cleared[1]["level"] == "low"
 
 
+def test_a_number_sqlite_cannot_store_is_rejected() -> None:
+    spec = point(type="uint64")
+    assert decode_point(spec, (0xFFFF,) * 4) == 2**64 - 1
+    assert "does not fit a signed 64-bit integer" in str(check_range(spec, 2**64 - 1))
+
+
 def test_range_and_clipping() -> None:
     spec = point(type="int16", scale=0.1, min=-40, max=85)
     assert check_range(spec, 85.1) == "85.1 is above the profile's maximum 85.0"

@@ -22,7 +22,8 @@ Id = Annotated[str, Field(pattern=ID_PATTERN)]
 PointName = Annotated[str, Field(pattern=r"^[a-z0-9_][a-z0-9_.-]{0,63}$")]
 Nanos = Annotated[int, Field(ge=0, lt=2**63)]
 Seq = Annotated[int, Field(ge=1, lt=2**63)]
-Value = bool | int | float | str
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]  # what SQLite (and InfluxDB) can store
+Value = bool | Int64 | float | str
 
 
 class Quality(IntFlag):

@@ -296,13 +296,25 @@ def _write_coil_pdu(address: int, value: bool) -> bytes:
     return struct.pack(">BHH", Function.WRITE_SINGLE_COIL, address, 0xFF00 if value else 0)
 
 
-def crc16(data: bytes) -> int:
-    """Modbus CRC-16; it goes on the wire low byte first."""
-    crc = 0xFFFF
-    for byte in data:
-        crc ^= byte
+def _crc_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
         for _ in range(8):
             crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC_TABLE: Final = _crc_table()
+
+
+def crc16(data: bytes) -> int:
+    """Modbus CRC-16 (reflected 0xA001, start 0xFFFF), by table; it goes on the wire low byte
+    first."""
+    crc = 0xFFFF
+    for byte in data:
+        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ byte) & 0xFF]
     return crc
 
 

@@ -10,7 +10,6 @@ blocks are still read.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import struct
 import time
@@ -20,12 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from drivers.base import Driver, PollResult, Value
 from drivers.errors import DeviceTimeout, DriverError
-from drivers.modbus.codec import ModbusExceptionResponse, ModbusFrameError, Table
+from drivers.modbus.codec import (
+    ModbusCrcError,
+    ModbusExceptionResponse,
+    ModbusFrameError,
+    Table,
+)
 from drivers.modbus.plan import PointRef, ReadBlock, plan_reads
 from drivers.modbus.points import (
     Decoder,
     check_range,
-    decode_point,
     encode_point,
     point_decoder,
 )
@@ -205,7 +208,7 @@ class ModbusDriver(Driver):
             try:
                 self.requests += 1
                 raw = await self._client.read(self.unit, block.table, block.address, block.count)
-            except DeviceTimeout:
+            except (DeviceTimeout, ModbusCrcError):  # no answer, or one garbled by line noise
                 if attempt + 1 == attempts:
                     self._answering = False
                     raise
@@ -222,6 +225,7 @@ class ModbusDriver(Driver):
             return result
         plan = self._plan(due)
         refused: list[ModbusExceptionResponse] = []
+        scheduled: list[tuple[str, float]] = []  # applied only if the whole poll succeeds
         for block in plan:
             try:
                 raw = await self._request(block)
@@ -243,14 +247,15 @@ class ModbusDriver(Driver):
                 else:
                     result.rejected.append((name, problem))
                 if interval is not None:
-                    self._next_due[name] = now + interval
+                    scheduled.append((name, now + interval))
         if len(refused) == len(plan):
             raise refused[0]  # refusing everything is a device fault, not a few bad points
+        self._next_due.update(scheduled)
         return result
 
     async def read_point(self, point: ModbusPoint) -> Value:
         raw = await self._client.read(self.unit, point.table, point.address, point.count)
-        return decode_point(point, raw)
+        return self._decoders[point.name](raw)
 
     async def write(self, name: str, value: Value, *, readback: bool = True) -> Value:
         """Writes a read-write point (engineering units), reads it back, and returns what the
@@ -270,9 +275,19 @@ class ModbusDriver(Driver):
         if not readback:
             return value
         written = await self.read_point(point)
-        if not _same(written, value, point):
+        if not self._holds(point, written, value):
             raise DriverError(f"{name}: wrote {value!r}, the device reads back {written!r}")
         return written
+
+    def _holds(self, point: ModbusPoint, read: Value, wanted: Value) -> bool:
+        """Whether the device holds `wanted` as well as its registers can: the comparison is
+        with `wanted` put through the same encoding (rounding to the register's step)."""
+        if point.kind.numeric and not point.table.is_bits:
+            registers = encode_point(point, wanted)
+            assert isinstance(registers, list)
+            stored = self._decoders[point.name](registers)
+            return math.isclose(float(read), float(stored), rel_tol=1e-9, abs_tol=1e-9)
+        return read == wanted
 
     async def _write_raw(self, point: ModbusPoint, value: Value) -> None:
         if point.table is Table.COIL:
@@ -323,16 +338,3 @@ class ModbusDriver(Driver):
 
     async def close(self) -> None:
         await self._client.close()
-
-
-def _same(read: Value, wanted: Value, point: ModbusPoint) -> bool:
-    if isinstance(read, float) or isinstance(wanted, float):
-        tolerance = abs(point.scale) / 2 if point.kind.value.startswith(("int", "uint")) else 1e-6
-        return math.isclose(float(read), float(wanted), rel_tol=1e-6, abs_tol=tolerance)
-    return read == wanted
-
-
-async def probe(driver: ModbusDriver) -> PollResult:
-    """One poll of every point regardless of schedules (for installers)."""
-    driver._next_due.clear()
-    return await asyncio.wait_for(driver.read(), driver.connection.timeout_s * 10)

@@ -120,11 +120,12 @@ def check_range(point: ModbusPoint, value: Value) -> str | None:
     """Why a decoded value cannot be true, or None when it is plausible."""
     if isinstance(value, bool | str) or not point.kind.numeric:
         return None
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        return f"{value} does not fit a signed 64-bit integer (scale it, or set max)"
     if isinstance(value, float) and not math.isfinite(value):
         return f"{value} is not a finite number"
-    shown = f"{value} {point.unit}".rstrip()
     if point.min is not None and value < point.min:
-        return f"{shown} is below the profile's minimum {point.min}"
+        return f"{value} {point.unit}".rstrip() + f" is below the profile's minimum {point.min}"
     if point.max is not None and value > point.max:
-        return f"{shown} is above the profile's maximum {point.max}"
+        return f"{value} {point.unit}".rstrip() + f" is above the profile's maximum {point.max}"
     return None
