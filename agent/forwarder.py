@@ -148,27 +148,11 @@ class Forwarder:
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
-    async def _acknowledged(self, future: asyncio.Future[int]) -> None:
-        """Waits for the PUBACK; time spent disconnected does not count towards the timeout,
-        because paho re-sends the publish when the session resumes."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.ack_timeout_s
-        while True:
-            try:
-                async with asyncio.timeout(max(0.05, deadline - loop.time())):
-                    await asyncio.shield(future)
-                return
-            except TimeoutError:
-                if self.link.connected:
-                    raise
-                await self.link.wait_connected()
-                deadline = loop.time() + self.ack_timeout_s
-
     async def _settle(
         self, future: asyncio.Future[int], first: int, last: int, count: int, from_backlog: bool
     ) -> None:
         try:
-            await self._acknowledged(future)
+            await self.link.acknowledged(future, self.ack_timeout_s)
         except PublishRefused as exc:
             self.stats.refusals += 1
             self._failed = self._refused = True

@@ -28,7 +28,7 @@ from wire.models import (
     Status,
     encode,
 )
-from wire.mqtt import MqttError, MqttLink, Will
+from wire.mqtt import MqttError, MqttLink, PublishRefused, Will
 from wire.topics import Channel, topic
 
 log = logging.getLogger(__name__)
@@ -255,10 +255,11 @@ class Agent:
                 await self._events_wake.wait()
                 continue
             event_id, payload = event
+            future = self.link.publish(self._topics[Channel.EVENTS], payload.encode(), qos=1)
             try:
-                await asyncio.wait_for(
-                    self.link.publish(self._topics[Channel.EVENTS], payload.encode(), qos=1), 10
-                )
+                await self.link.acknowledged(future, self.config.forwarder.ack_timeout_s)
+            except PublishRefused as exc:  # would be refused again: keep the others moving
+                log.error("event dropped, the broker refuses it (%s): %s", exc.reason, payload)
             except (MqttError, TimeoutError) as exc:
                 log.info("event not published yet: %s", exc)
                 await asyncio.sleep(1)

@@ -153,10 +153,15 @@ class Store:
                     )
                     for index in spec.indexes:
                         table.create_index(list(index))
-                    continue
                 for column, kind in spec.columns.items():  # a database from an older version
                     if column not in table.columns_dict:
                         table.add_column(column, kind, not_null_default=spec.defaults.get(column))
+            # An event sent again (its PUBACK was lost) is the same row; NULL devices compare
+            # equal through ifnull, which a plain unique index would not do.
+            db.conn.execute(
+                "CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events "
+                "(site, gateway, ts_ns, kind, ifnull(device, ''), message)"
+            )
 
     def transaction(self) -> _Transaction:
         return _Transaction(self.conn)
@@ -252,7 +257,8 @@ class Store:
         now = time.time_ns()
         self._touch_gateway(site, gateway, now)
         self.conn.execute(
-            "INSERT INTO events (site, gateway, ts_ns, kind, device, message, data, received_ns) "
+            "INSERT OR IGNORE INTO events "
+            "(site, gateway, ts_ns, kind, device, message, data, received_ns) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 site,

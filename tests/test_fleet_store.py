@@ -49,3 +49,20 @@ async def test_a_failing_store_stops_the_service(tmp_path: Path, broker: Mosquit
         await producer.publish("campus/failing/gw/g/telemetry", payload)
         with pytest.raises(IngestStopped, match="disk is full"):
             await asyncio.wait_for(running, 10)
+
+
+def test_an_event_sent_twice_is_stored_once(tmp_path: Path) -> None:
+    from wire.models import Event, EventKind
+
+    store = Store(tmp_path / "fleet.db")
+    event = Event(ts_ns=5, kind=EventKind.BUFFER_EVICTION, message="evicted 10", data={"n": 10})
+    alarm = Event(ts_ns=6, kind=EventKind.ALARM, device="room-1", message="co2 1600 above 1500")
+    with store.transaction():
+        for _ in range(2):
+            store.record_event("s", "g", event)
+            store.record_event("s", "g", alarm)
+    assert [(e["kind"], e["device"]) for e in store.events(0, 10)] == [
+        ("buffer_eviction", None),
+        ("alarm", "room-1"),
+    ]
+    store.close()

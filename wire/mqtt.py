@@ -265,6 +265,22 @@ class MqttLink:
         self._pending[info.mid] = (future, topic)
         return future
 
+    async def acknowledged(self, future: asyncio.Future[int], timeout: float) -> int:
+        """The PUBACK's reason code. Time spent disconnected does not count towards `timeout`,
+        because paho re-sends the publish when the session resumes; TimeoutError only when a
+        connected broker stays silent."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                async with asyncio.timeout(max(0.05, deadline - loop.time())):
+                    return await asyncio.shield(future)
+            except TimeoutError:
+                if self.connected:
+                    raise
+                await self.wait_connected()
+                deadline = loop.time() + timeout
+
     async def subscribe(self, *filters: str, qos: int = 1) -> None:
         for name in filters:
             self._filters[name] = qos
