@@ -173,3 +173,13 @@ async def test_a_dead_device_delays_its_bus_mate_by_at_most_its_timeout(
     # The first dead poll may retry (the device was believed alive): 4 timeouts at most, once.
     steady = sorted(latencies)[:-1]
     assert max(steady) < TIMEOUT + 0.25, latencies
+
+
+def test_devices_sharing_a_client_wait_as_long_as_the_slowest() -> None:
+    pool = ModbusPool()
+    quick = ModbusTcpConnection(type="modbus-tcp", host="::1", port=1502, unit=1, timeout_s=0.5)
+    slow = ModbusTcpConnection(type="modbus-tcp", host="::1", port=1502, unit=2, timeout_s=3.0)
+    first = ModbusDriver(PROFILE, quick, pool)
+    second = ModbusDriver(PROFILE, slow, pool)
+    assert first._client is second._client
+    assert first._client.timeout == 3.0

@@ -69,6 +69,7 @@ class ModbusRtuConnection(BaseModel):
 
 class ModbusClient(Protocol):
     address: str
+    timeout: float
 
     async def connect(self) -> None: ...
 
@@ -93,6 +94,13 @@ class ModbusPool:
         self._lines: dict[str, tuple[int, str, int]] = {}
 
     def client(self, connection: ModbusTcpConnection | ModbusRtuConnection) -> ModbusClient:
+        """The shared client; devices behind one client wait as long as the slowest of them
+        (the longest `timeout_s`), so that none is cut short by a bus mate's setting."""
+        client = self._client(connection)
+        client.timeout = max(client.timeout, connection.timeout_s)
+        return client
+
+    def _client(self, connection: ModbusTcpConnection | ModbusRtuConnection) -> ModbusClient:
         if isinstance(connection, ModbusTcpConnection):
             key = f"tcp://{connection.host}:{connection.port}"
             if key not in self._clients:
