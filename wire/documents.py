@@ -44,8 +44,12 @@ def line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
 
 def parse_yaml(text: str, path: str) -> tuple[Any, yaml.Node | None]:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)  # one parse gives both the nodes and the data
+        try:
+            root = loader.get_single_node()
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
