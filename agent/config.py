@@ -9,14 +9,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from drivers.profiles import ProfileLibrary
-from drivers.registry import PROTOCOL_OF_CONNECTION, Connection
 from wire.documents import line_of, read_yaml, validate_document
-from wire.errors import DocumentError, Problem
+from wire.errors import DocumentError, problems_from
+from wire.gateway_config import (
+    DeviceConfig,
+    ManagedConfig,
+    Schedule,
+    check_against_profiles,
+    check_devices,
+)
 from wire.models import Id
 from wire.mqtt import MqttSettings
+
+__all__ = ["AgentConfig", "DeviceConfig", "FleetSettings", "load_config"]
 
 
 class _Section(BaseModel):
@@ -48,12 +64,14 @@ class ForwarderSettings(_Section):
     ack_timeout_s: Annotated[float, Field(gt=0)] = 30.0
 
 
-class DeviceConfig(_Section):
-    id: Id
-    profile: str
-    interval_s: Annotated[float, Field(ge=0.01, le=86_400)] = 10.0
-    timeout_s: Annotated[float, Field(gt=0, le=120)] = 5.0
-    connection: Connection
+class FleetSettings(_Section):
+    """How the agent trusts the fleet's signed config and where it keeps the applied one."""
+
+    public_keys: list[FilePath] = Field(
+        default_factory=list,
+        description="the fleet's Ed25519 public keys (PEM); a config signed by another is refused",
+    )
+    applied_path: Path = Path("/var/lib/campus-agent/config.applied.json")
 
 
 class AgentConfig(_Section):
@@ -67,50 +85,37 @@ class AgentConfig(_Section):
     state_interval_s: Annotated[float, Field(ge=1)] = 60.0
     poll_jitter_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    fleet: FleetSettings = FleetSettings()
+    command_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    # The managed part: used until the fleet pushes a signed config, which then replaces it.
     devices: list[DeviceConfig] = []
+    schedules: list[Schedule] = []
+    timezone: str | None = None
 
     @field_validator("devices")
     @classmethod
     def _unique_device_ids(cls, devices: list[DeviceConfig]) -> list[DeviceConfig]:
-        seen: set[str] = set()
-        for index, device in enumerate(devices):
-            if device.id in seen:
-                raise ValueError(f"device id {device.id!r} is used twice (again at {index})")
-            seen.add(device.id)
-        lines: dict[str, tuple[int, str, int]] = {}
-        for device in devices:
-            connection = device.connection
-            if connection.type != "modbus-rtu":
-                continue
-            line = lines.setdefault(connection.port, connection.line())
-            if line != connection.line():
-                raise ValueError(
-                    f"devices on serial port {connection.port} need the same baudrate, parity "
-                    f"and stopbits ({line} and {connection.line()})"
-                )
-        return devices
+        return check_devices(devices)
+
+    def local_managed(self) -> ManagedConfig:
+        """The managed part of this file, checked like a pushed config."""
+        return ManagedConfig(
+            devices=self.devices,
+            schedules=self.schedules,
+            poll_jitter_s=self.poll_jitter_s,
+            timezone=self.timezone,
+        )
 
 
 def load_config(path: Path) -> tuple[AgentConfig, ProfileLibrary]:
     data, root = read_yaml(path)
     config = validate_document(AgentConfig, data, str(path), root)
     library = ProfileLibrary.for_document(config.profiles_dir, path)
-    problems = []
-    for index, device in enumerate(config.devices):
-        where = f"devices.{index}.profile"
-        line = line_of(root, ("devices", index, "profile"))
-        if unknown := library.unknown(device.profile, where, line):
-            problems.append(unknown)
-            continue
-        protocol = library.profiles[device.profile].protocol
-        if PROTOCOL_OF_CONNECTION[device.connection.type] != protocol:
-            problems.append(
-                Problem(
-                    where,
-                    f"profile speaks {protocol}, connection is {device.connection.type}",
-                    line,
-                )
-            )
+    try:
+        managed = config.local_managed()
+    except ValidationError as exc:
+        raise DocumentError(str(path), problems_from(exc)) from None
+    problems = check_against_profiles(managed, library, lambda where: line_of(root, where))
     if problems:
         raise DocumentError(str(path), problems)
     return config, library

@@ -10,93 +10,30 @@ import asyncio
 import json
 import logging
 import signal
-import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from fleet.config import DEFAULT_CONFIG, FleetConfig, load_config
-from fleet.store import Store
-from fleet.timefmt import ago, iso, parse_since
-from wire.errors import DocumentError
-
-EXIT_RUNTIME = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
-
-console = Console()
-
-
-def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"campus-fleet: {message}", err=True)
-    sys.exit(code)
-
-
-class Context:
-    def __init__(self, config_path: Path, db_path: Path | None) -> None:
-        self.config_path = config_path
-        self.db_path = db_path
-        self._config: FleetConfig | None = None
-
-    @property
-    def config(self) -> FleetConfig:
-        if self._config is None:
-            try:
-                self._config = load_config(self.config_path)
-            except DocumentError as exc:
-                fail(str(exc), EXIT_USAGE)
-        return self._config
-
-    def store(self) -> Store:
-        path = self.db_path or self.config.database
-        if not path.exists():
-            fail(f"no fleet database at {path} (has 'campus-fleet serve' run yet?)", EXIT_RUNTIME)
-        try:
-            store = Store(path, read_only=True)
-            store.conn.execute("SELECT count(*) FROM gateways").fetchone()
-        except sqlite3.Error as exc:
-            fail(f"cannot read the fleet database {path}: {exc}", EXIT_RUNTIME)
-        return store
-
-
-pass_context = click.make_pass_decorator(Context)
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-
-
-def _set_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
-    if value is not None:
-        ctx.ensure_object(Context).config_path = value
-
-
-config_option = click.option(
-    "--config",
-    type=click.Path(path_type=Path),
-    expose_value=False,
-    callback=_set_config,
-    help="Fleet configuration file (same as the option before the command).",
+from fleet.clikit import (
+    EXIT_NOT_FOUND,
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+    Context,
+    config_option,
+    console,
+    emit_json,
+    fail,
+    json_option,
+    pass_context,
+    show_value,
+    since_option,
 )
-
-
-def since_option(text: str) -> int:
-    try:
-        return parse_since(text, time.time_ns())
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from None
-
-
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False))
-
-
-def show_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+from fleet.config import DEFAULT_CONFIG
+from fleet.timefmt import ago, iso
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,8 +54,14 @@ def show_value(value: Any) -> str:
     envvar="CAMPUS_FLEET_DB",
     help="Read this fleet database instead of the one the config names. Env: CAMPUS_FLEET_DB.",
 )
+@click.option(
+    "--actor",
+    envvar="CAMPUS_FLEET_ACTOR",
+    help="Who makes the change, for the audit log (default: your OS user). "
+    "Env: CAMPUS_FLEET_ACTOR.",
+)
 @click.pass_context
-def main(ctx: click.Context, config_path: Path, db_path: Path | None) -> None:
+def main(ctx: click.Context, config_path: Path, db_path: Path | None, actor: str | None) -> None:
     """Fleet manager of a school's (or district's) campus-iot gateways.
 
     `serve` runs the service that receives every gateway's telemetry, state and events over MQTT
@@ -133,7 +76,7 @@ def main(ctx: click.Context, config_path: Path, db_path: Path | None) -> None:
       campus-fleet devices list --json
       campus-fleet readings room-101-env --since 15m
     """
-    ctx.obj = Context(config_path, db_path)
+    ctx.obj = Context(config_path, db_path, actor)
 
 
 @main.command()

@@ -58,6 +58,11 @@ def subscription(channel: Channel, site: str = "+", gateway: str = "+") -> str:
     return f"{ROOT}/{site}/gw/{gateway}/{channel.value}"
 
 
+def alerts_topic(site: str) -> str:
+    """Where the fleet publishes raised and cleared alerts of one site."""
+    return f"{ROOT}/{check_id('site', site)}/alerts"
+
+
 def parse_topic(name: str) -> TopicParts:
     parts = name.split("/")
     if len(parts) < 5 or parts[0] != ROOT or parts[2] != "gw":
