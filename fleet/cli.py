@@ -456,5 +456,12 @@ def schema_export(directory: Path) -> None:
         click.echo(str(path))
 
 
+# Command groups that live in their own modules (registry, desired state, alerts).
+from fleet import cli_alerts, cli_control, cli_registry  # noqa: E402
+
+cli_registry.register(main, gateways, devices)
+cli_control.register(main)
+cli_alerts.register(main)
+
 if __name__ == "__main__":
     main()

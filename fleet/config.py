@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from wire.documents import load_document
 from wire.models import Id
 from wire.mqtt import MqttSettings
 
 DEFAULT_CONFIG = Path("/etc/campus-iot/fleet.yaml")
+
+
+class AgentBroker(BaseModel):
+    """The broker address written into gateways' bootstrap bundles (as the gateways see it,
+    which may differ from how the fleet reaches it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
 
 
 class FleetConfig(BaseModel):
@@ -22,10 +31,24 @@ class FleetConfig(BaseModel):
     sites: list[Id] | None = None
     profiles_dir: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    signing_key: Path = Field(
+        Path("/etc/campus-iot/fleet-signing.key"),
+        description="Ed25519 private key (PEM) that signs configs; its public key is KEY.pub",
+    )
+    agent_broker: AgentBroker | None = Field(
+        None, description="broker address for bootstrap bundles (default: the mqtt section's)"
+    )
+    ack_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = Field(
+        120.0, description="how long a rollout stage waits for every gateway's acknowledgement"
+    )
+    command_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
 
 def load_config(path: Path) -> FleetConfig:
     config = load_document(FleetConfig, path)
-    if not config.database.is_absolute():
-        config = config.model_copy(update={"database": path.parent / config.database})
-    return config
+    updates = {}
+    for name in ("database", "signing_key", "profiles_dir"):
+        value = getattr(config, name)
+        if value is not None and not value.is_absolute():
+            updates[name] = path.parent / value
+    return config.model_copy(update=updates) if updates else config
