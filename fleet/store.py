@@ -265,6 +265,11 @@ TABLES: dict[str, TableSpec] = {
         pk="id",
         indexes=(("state",), ("key",)),
     ),
+    # The running service's heartbeat: CLI commands that need it (push, cmd, rollouts) check it.
+    "service": TableSpec(
+        {"name": str, "pid": int, "started_ns": int, "heartbeat_ns": int, "signing_key": str},
+        pk="name",
+    ),
     "audit": TableSpec(
         {
             "id": int,
