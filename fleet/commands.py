@@ -1,0 +1,175 @@
+"""Device commands: the CLI queues them, the service sends them, the gateways answer.
+
+A command row is `pending` until the service published it on the gateway's `…/cmd` topic, then
+`sent`, then the outcome the gateway reported (`ok`, `device_error`, …), or `timeout` when no
+answer came before its deadline. Each row's id is the correlation id that travels with the
+request and comes back with the result.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from drivers.profiles import ProfileLibrary
+from fleet.store import Store
+from wire.control import CommandOutcome, CommandRequest, CommandResult
+
+PENDING = "pending"
+SENT = "sent"
+TIMEOUT = "timeout"
+FINAL = {outcome.value for outcome in CommandOutcome} | {TIMEOUT}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    site: str
+    gateway: str
+    device: str
+    profile: str
+
+
+def new_id() -> str:
+    return secrets.token_hex(8)
+
+
+class Commands:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.conn = store.conn
+
+    def queue(
+        self,
+        targets: list[Target],
+        action: str,
+        argument: Any,
+        *,
+        timeout_s: float,
+        actor: str,
+        library: ProfileLibrary,
+    ) -> str:
+        """Queues one command per device; a device whose profile lacks the action gets its
+        answer at once (`unknown_action`) and nothing is sent to it. Returns the batch id."""
+        batch = new_id()
+        now = time.time_ns()
+        deadline = now + int(timeout_s * 1e9)
+        rows = []
+        for target in targets:
+            status, error = PENDING, None
+            profile = library.profiles.get(target.profile)
+            if profile is None:
+                status, error = (
+                    CommandOutcome.DEVICE_ERROR.value,
+                    (f"profile {target.profile!r} is not known to the fleet"),
+                )
+            elif all(command.name != action for command in profile.commands):
+                names = ", ".join(c.name for c in profile.commands) or "none"
+                status, error = (
+                    CommandOutcome.UNKNOWN_ACTION.value,
+                    (f"profile {profile.id} has no command {action!r} (commands: {names})"),
+                )
+            rows.append(
+                (
+                    new_id(),
+                    batch,
+                    target.site,
+                    target.gateway,
+                    target.device,
+                    action,
+                    json.dumps(argument),
+                    actor,
+                    status,
+                    error,
+                    now,
+                    deadline,
+                    None if status == PENDING else now,
+                )
+            )
+        with self.store.transaction():
+            self.conn.executemany(
+                "INSERT INTO commands (id, batch, site, gateway, device, action, argument, "
+                "actor, status, error, created_ns, deadline_ns, done_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        return batch
+
+    def pending(self) -> list[tuple[str, str, CommandRequest]]:
+        rows = self.store._rows(
+            "SELECT * FROM commands WHERE status = ? ORDER BY created_ns LIMIT 5000", (PENDING,)
+        )
+        return [
+            (
+                r["site"],
+                r["gateway"],
+                CommandRequest(
+                    id=r["id"],
+                    device=r["device"],
+                    action=r["action"],
+                    argument=json.loads(r["argument"]),
+                    issued_ns=r["created_ns"],
+                    deadline_ns=r["deadline_ns"],
+                ),
+            )
+            for r in rows
+        ]
+
+    def mark_sent(self, ids: list[str]) -> None:
+        now = time.time_ns()
+        self.conn.executemany(
+            "UPDATE commands SET status = ?, sent_ns = ? WHERE id = ? AND status = ?",
+            [(SENT, now, command_id, PENDING) for command_id in ids],
+        )
+
+    def record_result(self, site: str, gateway: str, result: CommandResult) -> bool:
+        """Stores an answer (the first one wins; a late answer after a timeout is kept too,
+        since it says what really happened). False when no such command was sent there."""
+        cursor = self.conn.execute(
+            "UPDATE commands SET status = ?, result = ?, error = ?, done_ns = ? "
+            "WHERE id = ? AND site = ? AND gateway = ? AND device = ? AND status IN (?, ?, ?)",
+            (
+                result.outcome.value,
+                json.dumps(result.result),
+                result.error,
+                result.finished_ns,
+                result.id,
+                site,
+                gateway,
+                result.device,
+                PENDING,
+                SENT,
+                TIMEOUT,
+            ),
+        )
+        return cursor.rowcount > 0
+
+    def expire(self, now_ns: int) -> int:
+        cursor = self.conn.execute(
+            "UPDATE commands SET status = ?, error = ?, done_ns = ? "
+            "WHERE status IN (?, ?) AND deadline_ns < ?",
+            (
+                TIMEOUT,
+                "no answer from the gateway before the deadline (offline, or the device is slow)",
+                now_ns,
+                PENDING,
+                SENT,
+                now_ns,
+            ),
+        )
+        return cursor.rowcount
+
+    def batch(self, batch: str) -> list[dict[str, Any]]:
+        return self.store._rows(
+            "SELECT * FROM commands WHERE batch = ? ORDER BY site, gateway, device", (batch,)
+        )
+
+    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self.store._rows(
+            "SELECT batch, action, actor, min(created_ns) AS created_ns, count(*) AS devices, "
+            "sum(status = 'ok') AS ok, sum(status IN ('pending', 'sent')) AS waiting "
+            "FROM commands GROUP BY batch ORDER BY created_ns DESC LIMIT ?",
+            (limit,),
+        )

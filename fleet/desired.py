@@ -1,0 +1,97 @@
+"""Builds a gateway's desired config from the registry tree, validated before anyone may push it.
+
+The body is a `wire.gateway_config.ManagedConfig`: the gateway's registered devices (profile,
+kind, connection) with their effective poll interval, timeout and alarm thresholds, and the
+gateway's effective schedules, jitter and time zone. Effective = inherited site → building →
+room → gateway (→ device), nearest wins (see `fleet.settings.merge`); a rollout's settings file
+(`overlay`) goes on top of all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from drivers.profiles import ProfileLibrary
+from fleet.registry import Registry
+from fleet.settings import NodeSettings, merge
+from wire.errors import Problem, WireError, problems_from
+from wire.gateway_config import ManagedConfig, check_against_profiles
+
+
+class DesiredConfigError(WireError):
+    """The tree gives a gateway a config that would be refused: nothing is pushed."""
+
+    def __init__(self, site: str, gateway: str, problems: list[Problem]) -> None:
+        self.site = site
+        self.gateway = gateway
+        self.problems = problems
+        listed = "; ".join(str(problem) for problem in problems)
+        super().__init__(f"config of {site}/{gateway} is not valid: {listed}")
+
+
+def build_config(
+    registry: Registry,
+    library: ProfileLibrary,
+    site: str,
+    gateway: str,
+    overlay: NodeSettings | None = None,
+) -> ManagedConfig:
+    extra = [overlay] if overlay is not None else []
+    gateway_settings = merge([*registry.gateway_chain(site, gateway), *extra])
+    devices: list[dict[str, Any]] = []
+    for row in registry.devices_of_gateway(site, gateway):
+        chain = registry.device_chain(site, row["device"])
+        effective = merge([*chain, *extra])
+        device: dict[str, Any] = {
+            "id": row["device"],
+            "profile": row["profile"],
+            "connection": row["connection"],
+        }
+        if row.get("kind"):
+            device["kind"] = row["kind"]
+        if effective.interval_s is not None:
+            device["interval_s"] = effective.interval_s
+        if effective.timeout_s is not None:
+            device["timeout_s"] = effective.timeout_s
+        profile = library.profiles.get(row["profile"])
+        if effective.alarms and profile is not None:
+            points = {point.name for point in profile.points}
+            alarms = {name: a for name, a in effective.alarms.items() if name in points}
+            if alarms:
+                device["alarms"] = {
+                    name: alarm.model_dump(mode="json", exclude_defaults=True)
+                    for name, alarm in alarms.items()
+                }
+        devices.append(device)
+    body: dict[str, Any] = {
+        "devices": devices,
+        "schedules": [
+            schedule.model_dump(mode="json", exclude_defaults=True)
+            for schedule in gateway_settings.schedules
+        ],
+    }
+    if gateway_settings.poll_jitter_s is not None:
+        body["poll_jitter_s"] = gateway_settings.poll_jitter_s
+    if gateway_settings.timezone is not None:
+        body["timezone"] = gateway_settings.timezone
+    return validate_body(body, library, site, gateway)
+
+
+def validate_body(
+    body: dict[str, Any], library: ProfileLibrary, site: str, gateway: str
+) -> ManagedConfig:
+    try:
+        config = ManagedConfig.model_validate(body)
+    except ValidationError as exc:
+        raise DesiredConfigError(site, gateway, problems_from(exc)) from None
+    problems = check_against_profiles(config, library)
+    if problems:
+        raise DesiredConfigError(site, gateway, problems)
+    return config
+
+
+def body_of(config: ManagedConfig) -> dict[str, Any]:
+    """The JSON body that is signed: defaults left out, so it stays small and diffable."""
+    return config.model_dump(mode="json", exclude_defaults=True)

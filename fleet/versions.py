@@ -1,0 +1,187 @@
+"""Config versions per gateway: what was pushed, what each gateway acknowledged.
+
+Versions only grow: a rollback is a new version carrying an older body, so a gateway never has a
+reason to accept a lower number (that would be a replay). A version is `pending` until the service
+has signed and published it (retained), `sent` until the gateway answers, then `applied` or
+`rejected`; an unanswered version is `superseded` when a newer one is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fleet.store import Store
+from wire.control import Ack, AckStatus
+from wire.signing import body_hash
+
+PENDING = "pending"
+SENT = "sent"
+APPLIED = "applied"
+REJECTED = "rejected"
+SUPERSEDED = "superseded"
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    site: str
+    gateway: str
+    version: int | None  # None: the latest version already carries this body
+    sha256: str
+
+
+class Versions:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.conn = store.conn
+
+    def latest(self, site: str, gateway: str) -> dict[str, Any] | None:
+        rows = self.store._rows(
+            "SELECT * FROM config_versions WHERE site = ? AND gateway = ? "
+            "ORDER BY version DESC LIMIT 1",
+            (site, gateway),
+        )
+        return rows[0] if rows else None
+
+    def get(self, site: str, gateway: str, version: int) -> dict[str, Any] | None:
+        rows = self.store._rows(
+            "SELECT * FROM config_versions WHERE site = ? AND gateway = ? AND version = ?",
+            (site, gateway, version),
+        )
+        return rows[0] if rows else None
+
+    def body(self, site: str, gateway: str, version: int) -> dict[str, Any] | None:
+        row = self.get(site, gateway, version)
+        return None if row is None else dict(json.loads(row["body"]))
+
+    def stage(
+        self,
+        site: str,
+        gateway: str,
+        body: dict[str, Any],
+        *,
+        origin: str,
+        actor: str,
+        force: bool = False,
+    ) -> Staged:
+        """Adds a pending version unless the newest one already carries this body (and was
+        not rejected); call inside a transaction."""
+        sha = body_hash(body)
+        latest = self.latest(site, gateway)
+        if (
+            not force
+            and latest is not None
+            and latest["sha256"] == sha
+            and latest["state"] in (PENDING, SENT, APPLIED)
+        ):
+            return Staged(site, gateway, None, sha)
+        version = (latest["version"] if latest else 0) + 1
+        self.conn.execute(
+            "INSERT INTO config_versions (site, gateway, version, sha256, body, origin, actor, "
+            "state, created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                site,
+                gateway,
+                version,
+                sha,
+                json.dumps(body, sort_keys=True),
+                origin,
+                actor,
+                PENDING,
+                time.time_ns(),
+            ),
+        )
+        return Staged(site, gateway, version, sha)
+
+    def pending(self, limit: int = 5000) -> list[dict[str, Any]]:
+        return self.store._rows(
+            "SELECT site, gateway, version, body FROM config_versions WHERE state = ? "
+            "ORDER BY created_ns, site, gateway LIMIT ?",
+            (PENDING, limit),
+        )
+
+    def mark_sent(self, rows: list[tuple[str, str, int, str]]) -> None:
+        """(site, gateway, version, signed document JSON) published; call inside a transaction.
+        Older unanswered versions of the same gateways are superseded."""
+        now = time.time_ns()
+        self.conn.executemany(
+            "UPDATE config_versions SET state = ?, document = ?, sent_ns = ? "
+            "WHERE site = ? AND gateway = ? AND version = ? AND state = ?",
+            [(SENT, document, now, s, g, v, PENDING) for s, g, v, document in rows],
+        )
+        self.conn.executemany(
+            "UPDATE config_versions SET state = ? WHERE site = ? AND gateway = ? "
+            "AND version < ? AND state IN (?, ?)",
+            [(SUPERSEDED, s, g, v, PENDING, SENT) for s, g, v, _ in rows],
+        )
+
+    def mark_unsendable(self, site: str, gateway: str, version: int, reason: str) -> None:
+        self.conn.execute(
+            "UPDATE config_versions SET reason = ? WHERE site = ? AND gateway = ? AND version = ?",
+            (reason, site, gateway, version),
+        )
+
+    def record_ack(self, site: str, gateway: str, ack: Ack) -> None:
+        """Stores a gateway's answer; call inside a transaction."""
+        state = APPLIED if ack.status is AckStatus.APPLIED else REJECTED
+        self.conn.execute(
+            "UPDATE config_versions SET state = ?, reason = ?, acked_ns = ? "
+            "WHERE site = ? AND gateway = ? AND version = ? AND (sha256 = ? OR ? IS NULL)",
+            (state, ack.reason, ack.ts_ns, site, gateway, ack.version, ack.sha256, ack.sha256),
+        )
+        applied_sha = ack.sha256 if state == APPLIED else None
+        self.conn.execute(
+            "INSERT INTO config_status (site, gateway, applied_version, applied_sha256, "
+            "last_version, last_status, last_reason, last_ack_ns) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, gateway) DO UPDATE SET "
+            "applied_version = excluded.applied_version, "
+            "applied_sha256 = coalesce(excluded.applied_sha256, "
+            "  CASE WHEN excluded.applied_version = config_status.applied_version "
+            "  THEN config_status.applied_sha256 END), "
+            "last_version = excluded.last_version, last_status = excluded.last_status, "
+            "last_reason = excluded.last_reason, last_ack_ns = excluded.last_ack_ns",
+            (
+                site,
+                gateway,
+                ack.applied_version,
+                applied_sha,
+                ack.version,
+                state,
+                ack.reason,
+                ack.ts_ns,
+            ),
+        )
+
+    def applied_version(self, site: str, gateway: str) -> int:
+        row = self.conn.execute(
+            "SELECT applied_version FROM config_status WHERE site = ? AND gateway = ?",
+            (site, gateway),
+        ).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def status(self, gateways: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+        """Desired vs applied per gateway (every registered gateway, or these)."""
+        rows = self.store._rows(
+            "SELECT g.site, g.gateway, v.version AS desired_version, v.state AS desired_state, "
+            "v.reason AS desired_reason, v.origin, v.created_ns AS desired_ns, "
+            "s.applied_version, s.last_version, s.last_status, s.last_reason, s.last_ack_ns, "
+            "o.status AS gateway_status "
+            "FROM registry_gateways g "
+            "LEFT JOIN config_versions v ON v.site = g.site AND v.gateway = g.gateway "
+            "  AND v.version = (SELECT max(version) FROM config_versions x "
+            "                   WHERE x.site = g.site AND x.gateway = g.gateway) "
+            "LEFT JOIN config_status s ON s.site = g.site AND s.gateway = g.gateway "
+            "LEFT JOIN gateways o ON o.site = g.site AND o.gateway = g.gateway "
+            "ORDER BY g.site, g.gateway"
+        )
+        if gateways is not None:
+            wanted = set(gateways)
+            rows = [r for r in rows if (r["site"], r["gateway"]) in wanted]
+        for row in rows:
+            row["in_sync"] = (
+                row["desired_version"] is not None
+                and row["applied_version"] == row["desired_version"]
+            )
+        return rows

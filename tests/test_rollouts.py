@@ -1,0 +1,254 @@
+"""Rollout and config-version logic on a real SQLite registry, with acknowledgements played by
+the test (the end-to-end run with real agents is in test_fleet_control.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from drivers.profiles import ProfileLibrary
+from fleet.desired import DesiredConfigError, body_of, build_config
+from fleet.registry import Registry
+from fleet.rollouts import RolloutError, Rollouts, parse_fraction, parse_stages
+from fleet.settings import NodeSettings
+from fleet.store import Store
+from fleet.versions import Versions
+from wire.control import Ack, AckStatus
+from wire.gateway_config import Schedule
+
+SITE = "school-1"
+
+
+@pytest.fixture
+def library() -> ProfileLibrary:
+    return ProfileLibrary.load()
+
+
+@pytest.fixture
+def tree(tmp_path: Path, library: ProfileLibrary) -> tuple[Store, Registry]:
+    store = Store(tmp_path / "fleet.db")
+    registry = Registry(store, library)
+    registry.add_site(SITE)
+    registry.add_building(SITE, "a")
+    registry.add_room(SITE, "room-1", "a")
+    for n in range(1, 11):
+        gateway = f"gw-{n:02d}"
+        registry.add_gateway(SITE, gateway, building="a")
+        registry.add_device(
+            SITE,
+            f"env-{n:02d}",
+            gateway,
+            "campussim-thc100",
+            {"type": "modbus-tcp", "host": "127.0.0.1", "port": 1502 + n},
+            room="room-1" if n == 1 else None,
+        )
+    return store, registry
+
+
+def ack(versions: Versions, gateway: str, version: int, ok: bool = True) -> None:
+    row = versions.get(SITE, gateway, version)
+    assert row is not None
+    with versions.store.transaction():
+        versions.record_ack(
+            SITE,
+            gateway,
+            Ack(
+                kind="config",
+                version=version,
+                sha256=row["sha256"],
+                status=AckStatus.APPLIED if ok else AckStatus.REJECTED,
+                reason=None if ok else "could not apply: test",
+                applied_version=version if ok else versions.applied_version(SITE, gateway),
+                ts_ns=time.time_ns(),
+            ),
+        )
+
+
+def answer_pending(
+    versions: Versions, failing: frozenset[str] | set[str] = frozenset()
+) -> list[str]:
+    """Plays every gateway: each sent/pending version is applied, or rejected by `failing`."""
+    answered = []
+    rows = versions.store._rows(
+        "SELECT gateway, version FROM config_versions WHERE state IN ('pending', 'sent')"
+    )
+    for row in rows:
+        ack(versions, row["gateway"], row["version"], ok=row["gateway"] not in failing)
+        answered.append(row["gateway"])
+    return answered
+
+
+def test_stages_are_cumulative_counts() -> None:
+    assert parse_stages("1,10%,50%,100%", 20) == [1, 2, 10, 20]
+    assert parse_stages("1,10%,50%,100%", 5) == [1, 3, 5]
+    assert parse_stages("50%", 10) == [5, 10]
+    assert parse_stages("3", 2) == [2]
+    for bad in ("0", "x", "150%", "-1"):
+        with pytest.raises(RolloutError, match="stage"):
+            parse_stages(bad, 10)
+    with pytest.raises(RolloutError, match="no gateways"):
+        parse_stages("1", 0)
+    assert parse_fraction("5%") == pytest.approx(0.05)
+    assert parse_fraction("0.2") == pytest.approx(0.2)
+    with pytest.raises(RolloutError):
+        parse_fraction("100%")
+
+
+def test_desired_config_inherits_down_the_tree(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    store, registry = tree
+    from fleet.registry import parse_target
+
+    registry.set_settings(parse_target(f"site:{SITE}"), NodeSettings(interval_s=60, timeout_s=3))
+    registry.set_settings(parse_target(f"room:{SITE}/room-1"), NodeSettings(interval_s=30))
+    registry.set_settings(
+        parse_target(f"building:{SITE}/a"),
+        NodeSettings(
+            alarms={"co2": {"high": 1000}},  # type: ignore[dict-item]
+            schedules=[
+                Schedule(id="night", at="22:00", days=["mon"], kinds=["sensor"], action="unknown")
+            ],
+        ),
+    )
+    # The schedule names a command the sensor does not have: the config is refused.
+    with pytest.raises(DesiredConfigError, match="no command 'unknown'"):
+        build_config(registry, library, SITE, "gw-01")
+    registry.set_settings(
+        parse_target(f"building:{SITE}/a"),
+        NodeSettings(alarms={"co2": {"high": 1000}}),  # type: ignore[dict-item]
+    )
+    first = body_of(build_config(registry, library, SITE, "gw-01"))
+    second = body_of(build_config(registry, library, SITE, "gw-02"))
+    assert first["devices"][0]["interval_s"] == 30  # the room overrides the site
+    assert second["devices"][0]["interval_s"] == 60
+    assert first["devices"][0]["timeout_s"] == 3
+    assert first["devices"][0]["alarms"] == {"co2": {"high": 1000.0}}
+    overlay = NodeSettings(interval_s=5)
+    assert (
+        body_of(build_config(registry, library, SITE, "gw-01", overlay))["devices"][0]["interval_s"]
+        == 5
+    )
+
+
+def test_versions_only_grow_and_same_content_is_not_pushed_twice(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    store, registry = tree
+    versions = Versions(store)
+    body = body_of(build_config(registry, library, SITE, "gw-01"))
+    with store.transaction():
+        first = versions.stage(SITE, "gw-01", body, origin="push", actor="t")
+        again = versions.stage(SITE, "gw-01", body, origin="push", actor="t")
+        forced = versions.stage(SITE, "gw-01", body, origin="push", actor="t", force=True)
+    assert (first.version, again.version, forced.version) == (1, None, 2)
+    with store.transaction():
+        versions.mark_sent([(SITE, "gw-01", 2, "{}")])
+    assert versions.get(SITE, "gw-01", 1)["state"] == "superseded"  # type: ignore[index]
+    ack(versions, "gw-01", 2)
+    (status,) = versions.status([(SITE, "gw-01")])
+    assert status["in_sync"] and status["applied_version"] == 2
+
+
+def run_ticks(rollouts: Rollouts, versions: Versions, failing: set[str], rounds: int) -> None:
+    for _ in range(rounds):
+        rollouts.tick(time.time_ns())
+        answer_pending(versions, failing)
+
+
+def test_rollout_goes_stage_by_stage_and_finishes(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    store, registry = tree
+    rollouts = Rollouts(store, registry, library)
+    versions = rollouts.versions
+    rollout_id = rollouts.start(
+        f"site:{SITE}", "1,50%,100%", "0%", NodeSettings(interval_s=7), 60, "tester"
+    )
+    rollouts.tick(time.time_ns())  # pushes the canary only
+    pushed = answer_pending(versions)
+    assert pushed == ["gw-01"]
+    rollouts.tick(time.time_ns())  # canary acknowledged: stage 2 is next
+    rollouts.tick(time.time_ns())
+    assert sorted(answer_pending(versions)) == [f"gw-{n:02d}" for n in range(2, 6)]
+    run_ticks(rollouts, versions, set(), 6)
+    info = rollouts.get(rollout_id)
+    assert info["state"] == "done", info
+    assert rollouts.progress(rollout_id).applied == 10
+    # The overlay is now the site's own setting.
+    assert build_config(registry, library, SITE, "gw-09").devices[0].interval_s == 7
+
+
+def test_rollout_halts_and_rolls_back_the_failed_stage(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    store, registry = tree
+    rollouts = Rollouts(store, registry, library)
+    versions = rollouts.versions
+    # Every gateway runs version 1 first.
+    with store.transaction():
+        for n in range(1, 11):
+            gateway = f"gw-{n:02d}"
+            body = body_of(build_config(registry, library, SITE, gateway))
+            versions.stage(SITE, gateway, body, origin="push", actor="t")
+    answer_pending(versions)
+    rollout_id = rollouts.start(
+        f"site:{SITE}", "1,100%", "10%", NodeSettings(interval_s=9), 60, "tester"
+    )
+    run_ticks(rollouts, versions, {"gw-07", "gw-08"}, 4)
+    info = rollouts.get(rollout_id)
+    assert info["state"] == "halted", info
+    members = {m["gateway"]: m for m in rollouts.gateways(rollout_id)}
+    assert members["gw-01"]["status"] == "applied"
+    for n in range(2, 11):
+        assert members[f"gw-{n:02d}"]["status"] == "rolled_back"
+    # The rollback is a new version with the old body.
+    latest = versions.latest(SITE, "gw-05")
+    assert latest is not None and latest["version"] == 3
+    assert latest["origin"] == f"rollback:{rollout_id}"
+    assert versions.body(SITE, "gw-05", 3) == versions.body(SITE, "gw-05", 1)
+    # A halted rollout is not running: the next tick does nothing more.
+    rollouts.tick(time.time_ns())
+    assert versions.latest(SITE, "gw-05")["version"] == 3  # type: ignore[index]
+
+
+def test_unanswered_gateways_time_out_and_count_as_failures(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    store, registry = tree
+    rollouts = Rollouts(store, registry, library)
+    rollout_id = rollouts.start(f"site:{SITE}", "1,100%", "50%", None, 5, "tester")
+    start = time.time_ns()
+    rollouts.tick(start)  # canary pushed, never answers
+    rollouts.tick(start + 2_000_000_000)
+    assert rollouts.get(rollout_id)["state"] == "running"
+    rollouts.tick(start + 6_000_000_000)
+    info = rollouts.get(rollout_id)
+    assert info["state"] == "halted"
+    (canary,) = [m for m in rollouts.gateways(rollout_id) if m["stage"] == 0]
+    assert "no acknowledgement" in canary["reason"]
+
+
+def test_pause_resume_abort_and_one_rollout_per_gateway(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    store, registry = tree
+    rollouts = Rollouts(store, registry, library)
+    rollout_id = rollouts.start(f"site:{SITE}", "1,100%", "0%", None, 60, "tester")
+    with pytest.raises(RolloutError, match="in rollout"):
+        rollouts.start(f"building:{SITE}/a", "100%", "0%", None, 60, "tester")
+    assert rollouts.set_state(rollout_id, "pause") == "paused"
+    rollouts.tick(time.time_ns())
+    assert answer_pending(rollouts.versions) == []  # paused: nothing pushed
+    with pytest.raises(RolloutError, match="not running"):
+        rollouts.set_state(rollout_id, "pause")
+    assert rollouts.set_state(rollout_id, "resume") == "running"
+    rollouts.tick(time.time_ns())
+    assert answer_pending(rollouts.versions) == ["gw-01"]
+    assert rollouts.set_state(rollout_id, "abort", rollback=True) == "aborted"
+    (canary,) = [m for m in rollouts.gateways(rollout_id) if m["gateway"] == "gw-01"]
+    assert "nothing to roll back to" in canary["reason"]
+    with pytest.raises(RolloutError, match="already aborted"):
+        rollouts.set_state(rollout_id, "abort")
