@@ -10,7 +10,7 @@ import pytest
 
 from drivers.profiles import ProfileLibrary
 from fleet.desired import DesiredConfigError, body_of, build_config
-from fleet.registry import Registry
+from fleet.registry import Registry, parse_target
 from fleet.rollouts import RolloutError, Rollouts, parse_fraction, parse_stages
 from fleet.settings import NodeSettings
 from fleet.store import Store
@@ -99,9 +99,7 @@ def test_stages_are_cumulative_counts() -> None:
 def test_desired_config_inherits_down_the_tree(
     tree: tuple[Store, Registry], library: ProfileLibrary
 ) -> None:
-    store, registry = tree
-    from fleet.registry import parse_target
-
+    _store, registry = tree
     registry.set_settings(parse_target(f"site:{SITE}"), NodeSettings(interval_s=60, timeout_s=3))
     registry.set_settings(parse_target(f"room:{SITE}/room-1"), NodeSettings(interval_s=30))
     registry.set_settings(
