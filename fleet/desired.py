@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from drivers.profiles import ProfileLibrary
-from fleet.registry import Registry
+from fleet.registry import Registry, Target
 from fleet.settings import NodeSettings, merge
 from wire.errors import Problem, WireError, problems_from
 from wire.gateway_config import ManagedConfig, check_against_profiles
@@ -37,13 +37,18 @@ def build_config(
     site: str,
     gateway: str,
     overlay: NodeSettings | None = None,
+    overlay_at: str = "all",
 ) -> ManagedConfig:
-    extra = [overlay] if overlay is not None else []
-    gateway_settings = merge([*registry.gateway_chain(site, gateway), *extra])
+    """`overlay` (a rollout's settings) sits at the level of `overlay_at` (the rollout's
+    target, e.g. `building:S/B`; `all` = the site), exactly where it is merged when the
+    rollout is done: a setting made lower in the tree still wins over it."""
+    gateway_settings = merge(
+        _chain(registry, Target("gateway", site, gateway), overlay, overlay_at)
+    )
     devices: list[dict[str, Any]] = []
     for row in registry.devices_of_gateway(site, gateway):
-        chain = registry.device_chain(site, row["device"])
-        effective = merge([*chain, *extra])
+        target = Target("device", site, row["device"])
+        effective = merge(_chain(registry, target, overlay, overlay_at))
         device: dict[str, Any] = {
             "id": row["device"],
             "profile": row["profile"],
@@ -77,6 +82,19 @@ def build_config(
     if gateway_settings.timezone is not None:
         body["timezone"] = gateway_settings.timezone
     return validate_body(body, library, site, gateway)
+
+
+def _chain(
+    registry: Registry, target: Target, overlay: NodeSettings | None, overlay_at: str
+) -> list[NodeSettings]:
+    lineage = registry.lineage(target)
+    chain = [settings for _node, settings in lineage]
+    if overlay is None:
+        return chain
+    names = [str(node) for node, _settings in lineage]
+    anchor = overlay_at if overlay_at in names else f"site:{target.site}"
+    index = names.index(anchor) + 1 if anchor in names else 1
+    return [*chain[:index], overlay, *chain[index:]]
 
 
 def validate_body(

@@ -123,7 +123,7 @@ class Rollouts:
         counts = parse_stages(stages, len(gateways))
         fraction = parse_fraction(max_failures)
         for site, gateway in gateways:
-            build_config(self.registry, self.library, site, gateway, overlay)
+            build_config(self.registry, self.library, site, gateway, overlay, target)
         busy = self.store._rows(
             "SELECT r.id, g.site, g.gateway FROM rollout_gateways g JOIN rollouts r "
             "ON r.id = g.rollout WHERE r.state IN (?, ?)",
@@ -302,7 +302,9 @@ class Rollouts:
             site, gateway = member["site"], member["gateway"]
             previous = self.versions.applied_version(site, gateway)
             try:
-                config = build_config(self.registry, self.library, site, gateway, overlay)
+                config = build_config(
+                    self.registry, self.library, site, gateway, overlay, rollout["target"]
+                )
             except Exception as exc:  # the tree changed since the start and is now invalid
                 self._set_member(member, REJECTED, f"not pushed: {exc}")
                 continue

@@ -124,11 +124,17 @@ def test_desired_config_inherits_down_the_tree(
     assert second["devices"][0]["interval_s"] == 60
     assert first["devices"][0]["timeout_s"] == 3
     assert first["devices"][0]["alarms"] == {"co2": {"high": 1000.0}}
+    # A rollout's settings sit at its target's level: lower levels still win, as they will
+    # once the rollout is done and the settings are merged into the target.
     overlay = NodeSettings(interval_s=5)
-    assert (
-        body_of(build_config(registry, library, SITE, "gw-01", overlay))["devices"][0]["interval_s"]
-        == 5
-    )
+
+    def interval(gateway: str, at: str) -> float:
+        body = body_of(build_config(registry, library, SITE, gateway, overlay, at))
+        return float(body["devices"][0]["interval_s"])
+
+    assert interval("gw-02", f"site:{SITE}") == 5
+    assert interval("gw-01", f"site:{SITE}") == 30  # its room says 30
+    assert interval("gw-01", f"room:{SITE}/room-1") == 5
 
 
 def test_versions_only_grow_and_same_content_is_not_pushed_twice(
