@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleet.alerts import AlertRules
 from wire.documents import load_document
 from wire.models import Id
 from wire.mqtt import MqttSettings
@@ -42,6 +43,9 @@ class FleetConfig(BaseModel):
         120.0, description="how long a rollout stage waits for every gateway's acknowledgement"
     )
     command_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    alerts: AlertRules = Field(
+        default_factory=list, description="alert rules (see fleet/alerts.py)"
+    )
 
 
 def load_config(path: Path) -> FleetConfig:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fleet.alerts import AlertEngine
 from fleet.store import Store
+from wire.control import Ack, CommandResult
 from wire.errors import WireError
 from wire.models import Event, GatewayState, TelemetryBatch, decode
 from wire.mqtt import Message
@@ -30,10 +33,14 @@ class IngestCounters:
 
 
 class Ingest:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, alerts: AlertEngine | None = None) -> None:
         self.store = store
+        self.alerts = alerts if alerts is not None else AlertEngine(store, [])
         self.counters = IngestCounters()
         self._logged_bad_topics: set[str] = set()
+        # Control-plane answers go to the service's control plane (fleet/control.py).
+        self.on_ack: Callable[[str, str, Ack], None] | None = None
+        self.on_result: Callable[[str, str, CommandResult], None] | None = None
 
     def handle(self, message: Message) -> None:
         """Stores one message; call inside `store.transaction()`."""
@@ -45,15 +52,25 @@ class Ingest:
                 result = self.store.ingest_batch(site, gateway, batch.readings)
                 self.counters.readings += result.new
                 self.counters.duplicates += result.duplicates
+                self.alerts.on_readings(site, gateway, batch.readings)
             elif channel is Channel.STATE:
                 if not message.payload:
                     return  # a retained state being cleared
                 state = decode(GatewayState, message.topic, message.payload)
                 self.store.record_state(site, gateway, state, retained=message.retain)
+                self.alerts.on_state(site, gateway, state)
             elif channel is Channel.EVENTS:
-                self.store.record_event(
-                    site, gateway, decode(Event, message.topic, message.payload)
-                )
+                event = decode(Event, message.topic, message.payload)
+                self.store.record_event(site, gateway, event)
+                self.alerts.on_event(site, gateway, event)
+            elif channel is Channel.ACK:
+                ack = decode(Ack, message.topic, message.payload)
+                if self.on_ack is not None:
+                    self.on_ack(site, gateway, ack)
+            elif channel is Channel.CMD_RESULT:
+                answer = decode(CommandResult, message.topic, message.payload)
+                if self.on_result is not None:
+                    self.on_result(site, gateway, answer)
         except WireError as exc:
             self.reject(message.topic, str(exc))
 

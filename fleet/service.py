@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from fleet.alerts import AlertEngine, publish_alerts, run_ticks
 from fleet.config import FleetConfig
+from fleet.control import ControlPlane
 from fleet.ingest import Ingest
 from fleet.store import Store
+from wire.control import Ack
 from wire.mqtt import Message, MqttLink
 from wire.topics import Channel, subscription
 
@@ -24,7 +27,7 @@ class IngestStopped(RuntimeError):
     """Storing failed (disk full, database damaged): the service must stop, not limp on."""
 
 
-CHANNELS = (Channel.TELEMETRY, Channel.STATE, Channel.EVENTS)
+CHANNELS = (Channel.TELEMETRY, Channel.STATE, Channel.EVENTS, Channel.ACK, Channel.CMD_RESULT)
 
 
 def subscriptions(config: FleetConfig) -> list[str]:
@@ -36,8 +39,18 @@ class FleetService:
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
         self.store = Store(config.database)
-        self.ingest = Ingest(self.store)
-        self.link = MqttLink(config.mqtt, client_id=f"fleet-{config.name}", manual_ack=True)
+        self.alerts = AlertEngine(self.store, config.alerts)
+        self.ingest = Ingest(self.store, self.alerts)
+        self.link = MqttLink(
+            config.mqtt, client_id=f"fleet-{config.name}", manual_ack=True, max_inflight=200
+        )
+        self.control = ControlPlane(config, self.store, self.link)
+        self.ingest.on_ack = self._on_ack
+        self.ingest.on_result = self.control.on_result
+
+    def _on_ack(self, site: str, gateway: str, ack: Ack) -> None:
+        self.control.on_ack(site, gateway, ack)
+        self.alerts.on_ack(site, gateway, ack)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.link.subscribe(*subscriptions(self.config))
@@ -50,17 +63,25 @@ class FleetService:
             self.config.mqtt.port,
         )
         consumer = asyncio.create_task(self._consume(), name="ingest")
+        control = asyncio.create_task(self.control.run(), name="control")
+        alerts = asyncio.create_task(run_ticks(self.alerts, self.link), name="alerts")
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
-            await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if consumer.done():
-                # Unacknowledged messages stay with the broker; the service manager restarts us.
-                log.critical("ingest stopped: %r", consumer.exception())
-                raise IngestStopped(str(consumer.exception())) from consumer.exception()
+            await asyncio.wait(
+                {consumer, control, alerts, stopper}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in (consumer, control, alerts):
+                if task.done():
+                    # Unacknowledged messages stay with the broker; the service manager
+                    # restarts us.
+                    log.critical("%s stopped: %r", task.get_name(), task.exception())
+                    raise IngestStopped(str(task.exception())) from task.exception()
         finally:
             stopper.cancel()
             consumer.cancel()
-            await asyncio.gather(consumer, stopper, return_exceptions=True)
+            control.cancel()
+            alerts.cancel()
+            await asyncio.gather(consumer, control, alerts, stopper, return_exceptions=True)
             await self.link.stop()
             self.store.close()
 
@@ -77,3 +98,4 @@ class FleetService:
         with self.store.transaction():
             for message in group:
                 self.ingest.handle(message)
+        publish_alerts(self.link, self.alerts.take())  # only what the commit kept

@@ -50,6 +50,10 @@ TABLES: dict[str, TableSpec] = {
             "received": int,
             "duplicates": int,
             "last_seq": int,
+            # for alerts (fleet/alerts.py), on the fleet's clock: offline since (NULL while
+            # online), and when the agent last reported that its buffer evicted readings
+            "offline_since_ns": int,
+            "last_eviction_ns": int,
         },
         pk=("site", "gateway"),
         defaults={"received": 0, "duplicates": 0, "last_seq": 0, "evicted": 0, "lost": 0},
@@ -63,6 +67,7 @@ TABLES: dict[str, TableSpec] = {
             "kind": str,
             "up": int,
             "last_seen_ns": int,
+            "down_since_ns": int,  # reported down since (fleet's clock); NULL once up again
         },
         pk=("site", "gateway", "device"),
     ),
@@ -412,6 +417,21 @@ class Store:
             fields["buffer_depth"] = state.buffer.depth
             fields["evicted"] = state.buffer.evicted
             fields["lost"] = state.buffer.lost
+        # Before `evicted` is overwritten: did the counter grow? (A retained state's times are
+        # its own stamp; a retained Last Will has none, so offline since last seen.)
+        self.conn.execute(
+            "UPDATE gateways SET offline_since_ns = CASE WHEN ? THEN "
+            "coalesce(offline_since_ns, ?, last_seen_ns) END, last_eviction_ns = CASE "
+            "WHEN evicted < ? THEN ? ELSE last_eviction_ns END WHERE site = ? AND gateway = ?",
+            (
+                state.status is Status.OFFLINE,
+                state.ts_ns if retained else seen_ns,
+                state.buffer.evicted if state.buffer is not None else 0,
+                seen_ns,
+                site,
+                gateway,
+            ),
+        )
         assignments = ", ".join(f"{name} = ?" for name in fields)
         self.conn.execute(
             f"UPDATE gateways SET {assignments} WHERE site = ? AND gateway = ?",
@@ -420,16 +440,20 @@ class Store:
         for device in state.devices or []:
             up = None if device.up is None else int(device.up)
             self.conn.execute(
-                "INSERT INTO devices (site, gateway, device, profile, kind, up) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (site, gateway, device) DO UPDATE SET "
-                "profile = excluded.profile, kind = excluded.kind, up = excluded.up",
-                (site, gateway, device.id, device.profile, device.kind, up),
+                "INSERT INTO devices (site, gateway, device, profile, kind, up, down_since_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, CASE WHEN ? = 0 THEN ? END) "
+                "ON CONFLICT (site, gateway, device) DO UPDATE SET "
+                "profile = excluded.profile, kind = excluded.kind, up = excluded.up, "
+                "down_since_ns = CASE WHEN excluded.up = 0 THEN "
+                "coalesce(devices.down_since_ns, excluded.down_since_ns) "
+                "WHEN excluded.up IS NULL THEN devices.down_since_ns END",  # unknown: not back
+                (site, gateway, device.id, device.profile, device.kind, up, up, seen_ns),
             )
 
     def record_event(self, site: str, gateway: str, event: Event) -> None:
         now = time.time_ns()
         self._touch_gateway(site, gateway, now)
-        self.conn.execute(
+        inserted = self.conn.execute(
             "INSERT OR IGNORE INTO events "
             "(site, gateway, ts_ns, kind, device, message, data, received_ns) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -443,11 +467,18 @@ class Store:
                 json.dumps(event.data),
                 now,
             ),
-        )
+        ).rowcount
         if event.device is not None and event.kind.value in ("device_up", "device_down"):
+            up = int(event.kind.value == "device_up")
             self.conn.execute(
-                "UPDATE devices SET up = ? WHERE site = ? AND gateway = ? AND device = ?",
-                (int(event.kind.value == "device_up"), site, gateway, event.device),
+                "UPDATE devices SET up = ?, down_since_ns = CASE WHEN ? THEN NULL "
+                "ELSE coalesce(down_since_ns, ?) END WHERE site = ? AND gateway = ? AND device = ?",
+                (up, up, now, site, gateway, event.device),
+            )
+        if inserted and event.kind.value == "buffer_eviction":
+            self.conn.execute(
+                "UPDATE gateways SET last_eviction_ns = ? WHERE site = ? AND gateway = ?",
+                (now, site, gateway),
             )
 
     def record_rejected(self, topic: str, reason: str) -> None:

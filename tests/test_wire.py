@@ -126,6 +126,11 @@ def test_json_schema_export(tmp_path: Path) -> None:
         "telemetry.schema.json",
         "state.schema.json",
         "events.schema.json",
+        "config.schema.json",
+        "ack.schema.json",
+        "cmd.schema.json",
+        "cmd-result.schema.json",
+        "alerts.schema.json",
     }
     telemetry = json.loads((tmp_path / "telemetry.schema.json").read_text())
     assert telemetry["properties"]["readings"]["items"]["prefixItems"][0]["minimum"] == 1

@@ -99,6 +99,7 @@ class AlertMessage(_Message):
 
     id: Annotated[int, Field(ge=1)]
     rule: Annotated[str, Field(min_length=1, max_length=100)]
+    severity: Literal["info", "warning", "critical"] | None = None
     state: AlertState
     site: Id
     gateway: Id | None = None

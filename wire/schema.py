@@ -5,11 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pydantic import BaseModel
+
+from wire.control import Ack, AlertMessage, CommandRequest, CommandResult, SignedDocument
 from wire.models import MODELS
+
+CONTROL_MODELS: dict[str, type[BaseModel]] = {
+    "config": SignedDocument,
+    "ack": Ack,
+    "cmd": CommandRequest,
+    "cmd-result": CommandResult,
+    "alerts": AlertMessage,
+}
 
 
 def schemas() -> dict[str, dict[str, object]]:
-    return {channel: model.model_json_schema() for channel, model in MODELS.items()}
+    models = {**MODELS, **CONTROL_MODELS}
+    return {channel: model.model_json_schema() for channel, model in models.items()}
 
 
 def export(directory: Path) -> list[Path]:
