@@ -65,10 +65,36 @@ def main() -> None:
 )
 def check(config_path: Path) -> None:
     """Validate the configuration and every profile it uses, then exit (0 = valid)."""
+    from agent.control import AppliedFileError, ConfigControl, load_trusted_keys
+    from wire.signing import KeyFileError
+
     config, library = _load(config_path)
+    try:
+        keys = load_trusted_keys(config.fleet.public_keys)
+    except KeyFileError as exc:
+        fail(f"{config_path}: fleet.public_keys: {exc}", EXIT_CONFIG)
     click.echo(
         f"{config_path}: valid — site {config.site}, gateway {config.gateway}, "
-        f"{len(config.devices)} devices, {len(library.profiles)} profiles in {library.directory}"
+        f"{len(config.devices)} devices, {len(library.profiles)} profiles in {library.directory}, "
+        f"{len(keys)} trusted fleet keys"
+    )
+    applied_path = config.fleet.applied_path
+    try:
+        applied = ConfigControl.inspect(applied_path, config.site, config.gateway, keys, library)
+    except AppliedFileError as exc:
+        click.echo(
+            f"{applied_path}: not usable, `run` will set it aside and use this file's "
+            f"devices: {exc}"
+        )
+        return
+    if applied is None:
+        click.echo(f"no applied fleet config ({applied_path}): `run` uses this file's devices")
+        return
+    document, managed = applied
+    click.echo(
+        f"{applied_path}: fleet config version {document.version} (key {document.key_id}), "
+        f"{len(managed.devices)} devices, {len(managed.schedules)} schedules: `run` uses it "
+        "instead of this file's devices and schedules"
     )
 
 
@@ -89,7 +115,9 @@ def run(config_path: Path, log_level: str | None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from agent.control import ApplyError
     from agent.runtime import Agent
+    from wire.signing import KeyFileError
 
     async def main_loop() -> None:
         stop = asyncio.Event()
@@ -100,8 +128,12 @@ def run(config_path: Path, log_level: str | None) -> None:
 
     try:
         asyncio.run(main_loop())
+    except KeyFileError as exc:
+        fail(f"{config_path}: fleet.public_keys: {exc}", EXIT_CONFIG)
     except BufferError as exc:
         fail(f"buffer unusable: {exc}", EXIT_RUNTIME)
+    except ApplyError as exc:
+        fail(f"devices cannot be started: {exc}", EXIT_RUNTIME)
 
 
 def _device_or_exit(config: AgentConfig, name: str) -> DeviceConfig:

@@ -1,7 +1,9 @@
-"""The agent process: wires the clock, coordinator, buffer, forwarder and MQTT link, and runs them.
+"""The agent process: wires the clock, coordinator, buffer, forwarder, control plane (configs,
+commands, schedules) and MQTT link, and runs them.
 
-Everything runs in one TaskGroup. A planned stop commits the buffer, publishes a retained
-'offline' state and disconnects; a crash leaves the broker to publish the Last Will.
+Everything runs in one TaskGroup, poll loops included: devices come and go with the configs the
+fleet pushes. A planned stop commits the buffer, publishes a retained 'offline' state and
+disconnects; a crash leaves the broker to publish the Last Will.
 """
 
 from __future__ import annotations
@@ -9,16 +11,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from agent import __version__
 from agent.buffer import Buffer
 from agent.clock import Clock, FileClock, SystemClock, boot_id
-from agent.config import AgentConfig
+from agent.commands import CommandExecutor
+from agent.config import AgentConfig, DeviceConfig
+from agent.control import (
+    AppliedStore,
+    ApplyError,
+    ConfigControl,
+    Outbox,
+    load_trusted_keys,
+)
 from agent.coordinator import Coordinator
 from agent.events import EventQueue
 from agent.forwarder import Forwarder
-from drivers.profiles import ProfileLibrary
+from agent.schedules import Scheduler
+from drivers.base import Driver
+from drivers.profiles import Profile, ProfileLibrary
 from drivers.registry import DriverFactory
+from wire.gateway_config import ManagedConfig, device_kind
 from wire.models import (
     BufferState,
     DeviceState,
@@ -43,8 +57,18 @@ def make_clock(config: AgentConfig) -> Clock:
     return SystemClock(check_sync=settings.sync_check == "adjtimex")
 
 
+class _Stop(Exception):
+    """Raised in the TaskGroup's body to end every task in it, poll loops included."""
+
+
 class Agent:
-    def __init__(self, config: AgentConfig, profiles: ProfileLibrary, clock: Clock | None = None):
+    def __init__(
+        self,
+        config: AgentConfig,
+        profiles: ProfileLibrary,
+        clock: Clock | None = None,
+        drivers: DriverFactory | None = None,
+    ):
         self.config = config
         self.profiles = profiles
         self.clock = clock or make_clock(config)
@@ -58,7 +82,7 @@ class Agent:
         )
         self.events = EventQueue(self.buffer, self.clock.wall_ns)
         self.coordinator = Coordinator(self.buffer, self.events, self.clock)
-        self.drivers = DriverFactory()
+        self.drivers = drivers or DriverFactory()
         self._topics = {ch: topic(config.site, config.gateway, ch) for ch in Channel}
         offline = GatewayState(status=Status.OFFLINE, reason="connection lost")
         self.link = MqttLink(
@@ -81,6 +105,26 @@ class Agent:
         self._pending = asyncio.Event()
         self.buffer.on_pending = self._pending.set
         self._clock_ready = False  # synced, and buffered readings corrected
+        self.control = ConfigControl(
+            site=config.site,
+            gateway=config.gateway,
+            keys=load_trusted_keys(config.fleet.public_keys),
+            library=profiles,
+            store=AppliedStore(config.fleet.applied_path),
+            clock=self.clock,
+            events=self.events,
+            topic=self._topics[Channel.CONFIG],
+        )
+        self.outbox = Outbox(self.link, config.forwarder.ack_timeout_s)
+        self.executor = CommandExecutor(
+            self.coordinator, self.clock, self.events, config.command_timeout_s
+        )
+        self.scheduler = Scheduler(
+            self.executor, lambda: self.coordinator.devices, profiles, self.clock, self.events
+        )
+        #: The managed part in effect: the agent file's, or the fleet's applied config.
+        self.managed = config.local_managed()
+        self._state_wake = asyncio.Event()
 
     def may_send(self) -> bool:
         """Readings wait for a synced clock (to be corrected first), but not for ever."""
@@ -93,12 +137,12 @@ class Agent:
         stats = self.buffer.stats()
         devices = [
             DeviceState(
-                id=device.id,
-                profile=device.profile,
-                kind=self.profiles.get(device.profile).kind.value,
-                up=self.coordinator.health[device.id].up,
+                id=device_id,
+                profile=loop.device.profile,
+                kind=device_kind(loop.device, self.profiles).value,
+                up=loop.health.up,
             )
-            for device in self.config.devices
+            for device_id, loop in self.coordinator.loops.items()
         ]
         return GatewayState(
             status=status,
@@ -117,15 +161,71 @@ class Agent:
                 last_seq=stats.last_seq,
             ),
             devices=devices,
+            config_version=self.control.applied_version,
         )
+
+    def _build(self, device: DeviceConfig) -> tuple[Driver, Profile]:
+        profile = self.profiles.get(device.profile)
+        return self.drivers.build(profile, device.connection), profile
+
+    async def apply_managed(
+        self,
+        managed: ManagedConfig,
+        persist: Callable[[], Awaitable[None]] | None = None,
+    ) -> str:
+        """Puts a checked config into effect, all or nothing: new and changed devices start
+        polling, then `persist()` runs, then the loops they replace stop and the schedules are
+        swapped. ApplyError once everything is as it was."""
+        jitter_s = managed.poll_jitter_s
+        if jitter_s is None:
+            jitter_s = self.config.poll_jitter_s
+        try:
+            transition = await self.coordinator.begin(managed.devices, self._build, jitter_s)
+        except Exception as exc:
+            raise ApplyError(_describe(exc)) from exc
+        if persist is not None:
+            try:
+                await persist()
+            except Exception as exc:
+                await transition.rollback()
+                raise ApplyError(
+                    f"cannot save it at {self.config.fleet.applied_path}: {_describe(exc)}"
+                ) from exc
+        await transition.commit()
+        self.scheduler.replace(managed.schedules, managed.timezone)
+        self.managed = managed
+        self._state_wake.set()
+        changes = [
+            f"{label} {', '.join(ids)}"
+            for label, ids in (
+                ("added", transition.added),
+                ("changed", transition.changed),
+                ("removed", transition.removed),
+            )
+            if ids
+        ]
+        return (
+            f"{len(managed.devices)} devices ({'; '.join(changes) or 'none changed'}), "
+            f"{len(managed.schedules)} schedules"
+        )
+
+    async def _start_devices(self) -> None:
+        """The applied fleet config, or the agent file's when that one cannot be started."""
+        managed = self.control.startup(self.config.local_managed())
+        try:
+            await self.apply_managed(managed)
+        except ApplyError as exc:
+            if self.control.applied is None:
+                raise
+            self.control.set_aside(f"its devices cannot be started: {exc}")
+            await self.apply_managed(self.config.local_managed())
 
     async def run(self, stop: asyncio.Event) -> None:
         self.buffer.open()
         log.info(
-            "agent %s/%s starting: %d devices, buffer %s (last seq %d, %d readings waiting)",
+            "agent %s/%s starting: buffer %s (last seq %d, %d readings waiting)",
             self.config.site,
             self.config.gateway,
-            len(self.config.devices),
             self.config.buffer.path,
             self.buffer.last_seq,
             self.buffer.depth,
@@ -135,26 +235,42 @@ class Agent:
                 "clock not synced: readings are marked, held up to %.0fs, corrected once synced",
                 self.config.clock.hold_unsynced_s,
             )
+        if not self.control.keys:
+            log.warning("no fleet.public_keys: every config the fleet pushes will be refused")
+        await self.link.subscribe(self._topics[Channel.CONFIG], self._topics[Channel.CMD], qos=1)
         await self.link.start()
+        failed: ApplyError | None = None
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(self._committer(), name="committer"),
-                    group.create_task(self.forwarder.run(), name="forwarder"),
-                    group.create_task(self._state_publisher(), name="state"),
-                    group.create_task(self._event_sender(), name="events"),
-                    group.create_task(self._clock_watch(), name="clock"),
-                ]
-                for device in self.config.devices:
-                    profile = self.profiles.get(device.profile)
-                    driver = self.drivers.build(profile, device.connection)
-                    loop = self.coordinator.add(device, driver, profile, self.config.poll_jitter_s)
-                    tasks.append(group.create_task(loop.run(), name=f"poll:{device.id}"))
+                self.coordinator.bind(group)
+                try:
+                    await self._start_devices()
+                except ApplyError as exc:
+                    failed = exc
+                    raise _Stop from None
+                log.info(
+                    "polling %d devices, %d schedules, config version %d",
+                    len(self.coordinator.loops),
+                    len(self.managed.schedules),
+                    self.control.applied_version,
+                )
+                group.create_task(self._committer(), name="committer")
+                group.create_task(self.forwarder.run(), name="forwarder")
+                group.create_task(self._state_publisher(), name="state")
+                group.create_task(self._event_sender(), name="events")
+                group.create_task(self._clock_watch(), name="clock")
+                group.create_task(self._control_listener(group), name="control")
+                group.create_task(self.outbox.run(), name="outbox")
+                group.create_task(self.scheduler.run(), name="schedules")
                 await stop.wait()
-                for task in tasks:
-                    task.cancel()
+                raise _Stop
+        except* _Stop:
+            pass
         finally:
+            self.coordinator.bind(None)
             await self._shutdown()
+        if failed is not None:
+            raise failed
 
     async def _shutdown(self) -> None:
         """Every step runs even when one before it fails; the first failure is raised last."""
@@ -222,6 +338,31 @@ class Agent:
             was_synced, offset = synced, new_offset
             await asyncio.sleep(1.0)
 
+    async def _control_listener(self, group: asyncio.TaskGroup) -> None:
+        """Configs are handled one at a time, in order; each command runs in its own task (the
+        bus locks order the ones that share a bus)."""
+        config_topic = self._topics[Channel.CONFIG]
+        command_topic = self._topics[Channel.CMD]
+        async for message in self.link.messages():
+            if message.topic == config_topic:
+                try:
+                    ack = await self.control.handle(message.payload, self.apply_managed)
+                except Exception:  # a bug here must not turn a retained config into a crash loop
+                    log.exception("config message could not be handled")
+                    continue
+                if ack is not None:
+                    self.outbox.put(self._topics[Channel.ACK], encode(ack), key=ack.kind)
+                    self._state_wake.set()
+            elif message.topic == command_topic:
+                group.create_task(self._command(message.payload), name="command")
+            else:
+                log.debug("message on %s ignored", message.topic)
+
+    async def _command(self, payload: bytes) -> None:
+        result = await self.executor.handle(self._topics[Channel.CMD], payload)
+        if result is not None:
+            self.outbox.put(self._topics[Channel.CMD_RESULT], encode(result))
+
     async def _state_publisher(self) -> None:
         connects_seen = 0
         availability_seen: list[bool | None] = []
@@ -231,7 +372,14 @@ class Agent:
             await self.link.wait_connected()
             availability = [h.up for h in self.coordinator.health.values()]
             due = loop.time() - last >= self.config.state_interval_s
-            if self.link.connects != connects_seen or availability != availability_seen or due:
+            changed = self._state_wake.is_set()
+            if (
+                self.link.connects != connects_seen
+                or availability != availability_seen
+                or due
+                or changed
+            ):
+                self._state_wake.clear()
                 connects_seen = self.link.connects
                 availability_seen = availability
                 last = loop.time()
@@ -244,7 +392,9 @@ class Agent:
                     )
                 except (MqttError, TimeoutError) as exc:
                     log.info("state not published: %s", exc)
-            await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await self._state_wake.wait()
 
     async def _event_sender(self) -> None:
         while True:
@@ -265,3 +415,9 @@ class Agent:
                 await asyncio.sleep(1)
                 continue
             self.buffer.delete_event(event_id)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    return str(error) or type(error).__name__

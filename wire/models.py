@@ -112,6 +112,9 @@ class EventKind(StrEnum):
     BUFFER_RESET = "buffer_reset"
     CLOCK_STEP = "clock_step"
     ALARM = "alarm"
+    CONFIG = "config"  # a pushed config applied or rejected
+    SCHEDULE = "schedule"  # a schedule ran (per-device outcomes) or was skipped
+    COMMAND = "command"  # a fleet command ran on a device
 
 
 class Event(_Message):
