@@ -460,7 +460,8 @@ def _desired_body(
 def _yaml_lines(body: dict[str, Any] | None) -> list[str]:
     if body is None:
         return []
-    return yaml.safe_dump(body, sort_keys=False, allow_unicode=True).splitlines(keepends=True)
+    # Sorted keys: the stored body is canonical JSON, the built one in model order.
+    return yaml.safe_dump(body, sort_keys=True, allow_unicode=True).splitlines(keepends=True)
 
 
 def _refuse_rollout_members(store: Store, gateways: list[tuple[str, str]]) -> None:
