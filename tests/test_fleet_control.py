@@ -212,6 +212,9 @@ def test_push_is_applied_by_every_gateway_and_devices_report(fleet: Fleet) -> No
         what="every sensor up",
     )
     assert devices
+    # A dry run builds and validates, and says nothing would change.
+    plan = fleet.json("config", "push", f"site:{fleet.site}", "--dry-run")
+    assert plan["dry_run"] and not any(g["changed"] for g in plan["gateways"])
     # Pushing again changes nothing: no new version.
     again = fleet.json("config", "push", f"site:{fleet.site}")
     assert not any(g["new"] for g in again["gateways"])
@@ -249,6 +252,8 @@ def test_rollout_halts_on_failures_and_rolls_the_failed_stage_back(fleet: Fleet)
         what="rollout halted",
     )
     assert final["state"] == "halted", final
+    listed = {r["id"]: r for r in fleet.json("rollout", "list")}
+    assert listed[rollout_id]["state"] == "halted"
     by_gateway = {g["gateway"]: g for g in final["gateways"]}
     # The canary and the 25 % stage applied it and keep it.
     for gw in GATEWAYS[:5]:
@@ -383,6 +388,10 @@ def test_commands_reach_devices_and_every_device_answers(fleet: Fleet) -> None:
     for answer in answers.values():
         assert answer["status"] == "ok", answer
         assert answer["id"]  # the correlation id
+    batch = result["batch"]
+    assert any(b["batch"] == batch for b in fleet.json("commands", "list"))
+    shown = fleet.json("commands", "show", batch)
+    assert {r["id"] for r in shown["results"]} == {a["id"] for a in answers.values()}
     # The relay really switched: the device reports it.
     wait_for(
         lambda: any(
