@@ -457,11 +457,21 @@ def schema_export(directory: Path) -> None:
 
 
 # Command groups that live in their own modules (registry, desired state, alerts).
-from fleet import cli_alerts, cli_control, cli_registry  # noqa: E402
+from fleet import (  # noqa: E402
+    cli_alerts,
+    cli_bridge,
+    cli_control,
+    cli_influx,
+    cli_registry,
+    cli_report,
+)
 
 cli_registry.register(main, gateways, devices)
 cli_control.register(main)
 cli_alerts.register(main)
+cli_influx.register(main)
+cli_bridge.register(main)
+cli_report.register(main)
 
 if __name__ == "__main__":
     main()
