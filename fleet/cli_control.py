@@ -414,7 +414,8 @@ def config_status(ctx: Context, targets: tuple[str, ...], as_json: bool) -> None
     else:
         now = time.time_ns()
         table = Table(title=f"Config per gateway ({len(rows)})")
-        for column in ("gateway", "desired", "applied", "in sync", "last answer", "reason"):
+        table.add_column("gateway", no_wrap=True)
+        for column in ("desired", "applied", "in sync", "last answer", "reason"):
             table.add_column(column)
         for r in rows:
             desired = (

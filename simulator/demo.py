@@ -23,6 +23,7 @@ from rich.text import Text
 
 from simulator.broker import BrokerError, MosquittoBroker, free_ports
 from simulator.processes import stop_group
+from wire.signing import generate_key, public_path
 
 SITE = "demo-school"
 MARKER = ".campus-demo"
@@ -80,7 +81,13 @@ class Demo:
             "devices": devices,
         }
         mqtt = {"host": "::1", "port": self.broker.port, "keepalive_s": 5}
-        fleet = {"mqtt": mqtt, "database": str(self.workdir / "fleet.db")}
+        key = self.workdir / "keys" / "fleet-signing.key"
+        generate_key(key)
+        fleet = {
+            "mqtt": mqtt,
+            "database": str(self.workdir / "fleet.db"),
+            "signing_key": str(key),
+        }
         agent = {
             "site": SITE,
             "gateway": GATEWAY,
@@ -90,6 +97,12 @@ class Demo:
             # The demo runs on machines whose host keeps time but whose kernel flag says
             # "unsynced" (containers); a real gateway keeps the default, adjtimex.
             "clock": {"sync_check": "none"},
+            # The fleet pushes a signed config built from its registry (inventory.csv): it
+            # replaces these devices, which only serve until it arrives.
+            "fleet": {
+                "public_keys": [str(public_path(key))],
+                "applied_path": str(self.workdir / "agent-config.applied.json"),
+            },
             "devices": [
                 {
                     "id": d["id"],
@@ -107,6 +120,31 @@ class Demo:
         }
         for name, document in (("scenario", scenario), ("fleet", fleet), ("agent", agent)):
             (self.workdir / f"{name}.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+        rows = ["site,building,room,gateway,device,kind,profile,connection"]
+        rows += [
+            f"{SITE},main,room-{101 + i},{GATEWAY},{d['id']},sensor,{d['profile']},"
+            f"modbus-tcp://{d['host']}:{d['port']}?unit={d['unit']}"
+            for i, d in enumerate(devices)
+        ]
+        (self.workdir / "inventory.csv").write_text("\n".join(rows) + "\n")
+        (self.workdir / "site-settings.yaml").write_text("interval_s: 2\n")
+
+    def fleet_cli(self, *args: str) -> None:
+        """Runs a campus-fleet command as IT staff would; its output goes to fleet-cli.log."""
+        with (self.workdir / "fleet-cli.log").open("ab") as log:
+            done = subprocess.run(
+                [*command("campus-fleet"), "--config", str(self.workdir / "fleet.yaml"), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=60,
+                check=False,
+            )
+        if done.returncode != 0:
+            raise DemoError(
+                f"campus-fleet {' '.join(args)} exited with {done.returncode} "
+                f"(see {self.workdir / 'fleet-cli.log'})"
+            )
 
     def spawn(self, name: str, argv: list[str]) -> None:
         log = (self.workdir / f"{name}.log").open("ab")
@@ -137,10 +175,13 @@ class Demo:
             raise DemoError(str(exc)) from None
         self.write_configs()
         w = self.workdir
+        self.fleet_cli("import", str(w / "inventory.csv"))
+        self.fleet_cli("settings", "set", f"site:{SITE}", str(w / "site-settings.yaml"))
         self.spawn("simulator", [*command("campus-sim"), "run", str(w / "scenario.yaml")])
         self.spawn("fleet", [*command("campus-fleet"), "--config", str(w / "fleet.yaml"), "serve"])
         self.wait_for_log("fleet", "subscribed to", timeout=20)
         self.spawn("agent", [*command("campus-agent"), "run", "--config", str(w / "agent.yaml")])
+        self.fleet_cli("config", "push", "all", "--no-wait")
 
     def wait_for_log(self, name: str, text: str, timeout: float) -> None:
         """The fleet must be subscribed before the agent sends, or first readings go nowhere."""
@@ -187,6 +228,30 @@ class Demo:
         finally:
             store.close()
 
+    def config_line(self) -> str:
+        """What the fleet pushed and what the gateway answered, from the fleet database."""
+        from fleet.store import Store
+        from fleet.versions import Versions
+
+        path = self.workdir / "fleet.db"
+        if not path.exists():
+            return ""
+        store = Store(path, read_only=True)
+        try:
+            rows = Versions(store).status()
+        finally:
+            store.close()
+        parts = []
+        for r in rows:
+            desired = (
+                f"v{r['desired_version']} {r['desired_state']}" if r["desired_version"] else "-"
+            )
+            parts.append(
+                f"config of {r['gateway']}: pushed {desired}, applied "
+                f"v{r['applied_version'] or 0}" + (" (in sync)" if r["in_sync"] else "")
+            )
+        return "   ".join(parts)
+
     def render(self, started: float) -> Group:
         gateways, latest = self.snapshot()
         now = time.time_ns()
@@ -194,9 +259,17 @@ class Demo:
             ("campus-iot demo", "bold"),
             f"  broker [::1]:{self.broker.port} and 127.0.0.1"
             f"   up {time.monotonic() - started:.0f}s"
-            f"   logs in {self.workdir}   Ctrl-C stops everything",
+            f"   logs in {self.workdir}   Ctrl-C stops everything\n",
+            (
+                f"try in another terminal: .venv/bin/campus-fleet --config "
+                f"{self.workdir / 'fleet.yaml'} config status   (or: gateways list, "
+                "devices list, audit)",
+                "dim",
+            ),
         )
         status = Text()
+        if line := self.config_line():
+            status.append(line + "\n")
         for g in gateways:
             colour = "green" if g["status"] == "online" else "red"
             status.append(f"gateway {g['site']}/{g['gateway']}: ")
