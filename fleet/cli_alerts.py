@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from fleet.alerts import AlertRule, span
@@ -32,6 +33,12 @@ SCOPES = ("sites", "gateways", "devices", "profiles", "kinds")
 def register(main: click.Group) -> None:
     """Adds this module's commands to the CLI."""
     main.add_command(alerts)
+
+
+def _styled(severity: str) -> str:
+    """A rule no longer in the config has no known severity: shown plain, as '-'."""
+    style = SEVERITY_STYLE.get(severity)
+    return f"[{style}]{severity}[/]" if style else escape(severity)
 
 
 @click.group(invoke_without_command=True)
@@ -89,10 +96,10 @@ def alerts(
         severity = severities.get(row["rule"], "-")
         table.add_row(
             str(row["id"]),
-            f"[{SEVERITY_STYLE.get(severity, '')}]{severity}[/]",
-            row["rule"],
-            _where(row),
-            row["message"],
+            _styled(severity),
+            escape(row["rule"]),
+            escape(_where(row)),
+            escape(row["message"] or ""),
             ago(row["raised_ns"], now),
             _state(row, now),
         )

@@ -629,3 +629,24 @@ def test_alerts_end_to_end(processes: Processes, broker: MosquittoBroker, tmp_pa
     finally:
         gateway.close()
         subscriber.close()
+
+
+def test_alerts_table_shows_alerts_of_rules_no_longer_configured(tmp_path: Path) -> None:
+    """An alert whose rule was removed (or read with --db and no config) has no known
+    severity: listed plainly, and text with brackets is not taken for markup."""
+    from fleet.store import Store
+    from tests.conftest import run_cli
+
+    db = tmp_path / "fleet.db"
+    store = Store(db)
+    store.conn.execute(
+        "INSERT INTO alerts (rule, key, site, state, message, raised_ns) "
+        "VALUES ('old-rule', 'k', 'school-1', 'open', 'co2 [ppm] too high', 1)"
+    )
+    store.close()
+    shown = run_cli(
+        "campus-fleet", "--config", str(tmp_path / "none.yaml"), "--db", str(db), "alerts"
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "old-rule" in shown.stdout
+    assert "[ppm]" in shown.stdout
