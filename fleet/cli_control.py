@@ -206,7 +206,8 @@ def config_show(
 def config_diff(ctx: Context, targets: tuple[str, ...], as_json: bool) -> None:
     """What a push would change: applied vs desired config of every gateway of TARGETS.
 
-    TARGETS:"""
+    TARGETS: site:SITE, building:SITE/BUILDING, room:SITE/ROOM, gateway:SITE/GATEWAY, or all.
+    """
     store = ctx.writable_store()
     registry = registry_of(ctx, store)
     library = library_of(ctx)
@@ -243,9 +244,6 @@ def config_diff(ctx: Context, targets: tuple[str, ...], as_json: bool) -> None:
             click.echo(entry["diff"], nl=False)
         else:
             click.echo(f"{entry['site']}/{entry['gateway']}: no change")
-
-
-config_diff.__doc__ = (config_diff.__doc__ or "") + TARGET_HELP + "."
 
 
 @config.command("push")
@@ -285,9 +283,10 @@ def config_push(
     A gateway whose newest version already has the same content gets no new version (use
     --force). Gateways that are offline get their config when they come back (it is
     retained). Exit 0 when every gateway applied it, 4 when some rejected it or did not answer
-    in time (see 'config status'), 1 when the service is not running.
+    in time (see 'config status'), 1 when the service is not running or has no signing key.
 
-    TARGETS:"""
+    TARGETS: site:SITE, building:SITE/BUILDING, room:SITE/ROOM, gateway:SITE/GATEWAY, or all.
+    """
     store = ctx.writable_store()
     registry = registry_of(ctx, store)
     library = library_of(ctx)
@@ -373,9 +372,6 @@ def config_push(
         sys.exit(EXIT_PARTIAL)
 
 
-config_push.__doc__ = (config_push.__doc__ or "") + TARGET_HELP + "."
-
-
 @config.command("status")
 @config_option
 @click.argument("targets", nargs=-1)
@@ -442,7 +438,21 @@ def config_status(ctx: Context, targets: tuple[str, ...], as_json: bool) -> None
 
 
 def _one_gateway(registry: Registry, text: str) -> tuple[str, str]:
-    selector = text if ":" in text else f"gateway:{text}"
+    """gateway:SITE/GW, SITE/GW, or a gateway id that only one site has."""
+    if ":" in text:
+        selector = text
+    elif "/" in text:
+        selector = f"gateway:{text}"
+    else:
+        sites = [site for site, gw in registry.gateways_matching("all") if gw == text]
+        if not sites:
+            fail(
+                f"no registered gateway {text!r} (see 'campus-fleet gateway list')", EXIT_NOT_FOUND
+            )
+        if len(sites) > 1:
+            names = ", ".join(f"gateway:{site}/{text}" for site in sites)
+            fail(f"gateway {text!r} is in several sites: {names}", EXIT_USAGE)
+        selector = f"gateway:{sites[0]}/{text}"
     gateways = resolve_gateways(registry, [selector])
     if len(gateways) != 1:
         fail(f"{text!r} names {len(gateways)} gateways; name one: gateway:SITE/GW", EXIT_USAGE)
