@@ -17,7 +17,7 @@ from drivers.profiles import ProfileLibrary
 from fleet.registry import Registry, Target
 from fleet.settings import NodeSettings, merge
 from wire.errors import Problem, WireError, problems_from
-from wire.gateway_config import ManagedConfig, check_against_profiles
+from wire.gateway_config import ManagedConfig, Schedule, check_against_profiles
 
 
 class DesiredConfigError(WireError):
@@ -74,7 +74,7 @@ def build_config(
         "devices": devices,
         "schedules": [
             schedule.model_dump(mode="json", exclude_defaults=True)
-            for schedule in gateway_settings.schedules
+            for schedule in _schedules_for(gateway_settings.schedules, devices, library)
         ],
     }
     if gateway_settings.poll_jitter_s is not None:
@@ -82,6 +82,28 @@ def build_config(
     if gateway_settings.timezone is not None:
         body["timezone"] = gateway_settings.timezone
     return validate_body(body, library, site, gateway)
+
+
+def _schedules_for(
+    schedules: list[Schedule], devices: list[dict[str, Any]], library: ProfileLibrary
+) -> list[Schedule]:
+    """A schedule set high in the tree (e.g. 'every display of the site off at 22:00') goes to
+    the gateways that have one of its devices or kinds, narrowed to those; the others do not
+    get it, rather than a config that would be refused for naming what they lack."""
+    ids = {device["id"] for device in devices}
+    kinds = set()
+    for device in devices:
+        profile = library.profiles.get(device["profile"])
+        kind = device.get("kind") or (profile.kind.value if profile else None)
+        if kind:
+            kinds.add(kind)
+    kept = []
+    for schedule in schedules:
+        targets = [name for name in schedule.devices if name in ids]
+        of_kinds = [kind for kind in schedule.kinds if kind.value in kinds]
+        if targets or of_kinds:
+            kept.append(schedule.model_copy(update={"devices": targets, "kinds": of_kinds}))
+    return kept
 
 
 def _chain(

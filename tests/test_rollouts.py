@@ -256,3 +256,28 @@ def test_pause_resume_abort_and_one_rollout_per_gateway(
     assert "nothing to roll back to" in canary["reason"]
     with pytest.raises(RolloutError, match="already aborted"):
         rollouts.set_state(rollout_id, "abort")
+
+
+def test_a_schedule_set_high_in_the_tree_goes_to_the_gateways_it_concerns(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    _store, registry = tree
+    registry.set_settings(
+        parse_target(f"site:{SITE}"),
+        NodeSettings(
+            schedules=[
+                Schedule(id="displays-off", at="22:00", kinds=["display"], action="power_off"),
+                Schedule(
+                    id="one-sensor",
+                    at="07:00",
+                    devices=["env-01", "env-02"],
+                    action="power_off",  # a command the sensors lack: refused where it lands
+                ),
+            ]
+        ),
+    )
+    # No display anywhere: nobody gets the 22:00 schedule, and gw-03 (no env-01/02) is valid.
+    assert body_of(build_config(registry, library, SITE, "gw-03")).get("schedules", []) == []
+    # gw-01 has env-01 only: the schedule is narrowed to it, and refused for its command.
+    with pytest.raises(DesiredConfigError, match="no command 'power_off'"):
+        build_config(registry, library, SITE, "gw-01")
