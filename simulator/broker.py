@@ -1,8 +1,9 @@
 """A private Mosquitto for the demo and the tests: generated config, loopback only, dual stack.
 
-The broker listens on one port on both 127.0.0.1 and ::1, keeps its own persistence file and
-log in its work folder, and is started in its own session so that stopping it stops everything
-it spawned. It is never the machine's own broker on 1883.
+The broker listens on one port on both 127.0.0.1 and ::1 (or only on the `listen` addresses
+given, e.g. ::1 for an IPv6-only network), keeps its own persistence file and log in its work
+folder, and is started in its own session so that stopping it stops everything it spawned.
+It is never the machine's own broker on 1883.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from simulator.processes import signal_group, stop_group
 
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+DUAL_STACK = ("127.0.0.1", "::1")
 
 
 class BrokerError(RuntimeError):
@@ -61,11 +65,59 @@ def free_port() -> int:
     raise BrokerError("no TCP port is free on both 127.0.0.1 and ::1")
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """A second listener, with TLS, on the broker's listen addresses (e.g. a cloud for bridges).
+
+    With `require_certificate`, clients must present a certificate signed by `cafile`; with
+    `use_identity_as_username`, its CN becomes the username that `acl_file` rules see.
+    """
+
+    port: int
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = True
+    use_identity_as_username: bool = True
+
+    def config_lines(self, addresses: Sequence[str]) -> list[str]:
+        """TLS options go under each listener line (even with per_listener_settings false)."""
+        lines: list[str] = []
+        for address in addresses:
+            lines += [
+                f"listener {self.port} {address}",
+                f"cafile {self.cafile}",
+                f"certfile {self.certfile}",
+                f"keyfile {self.keyfile}",
+                f"require_certificate {str(self.require_certificate).lower()}",
+            ]
+            if self.use_identity_as_username:
+                lines.append("use_identity_as_username true")
+        return lines
+
+
 class MosquittoBroker:
-    def __init__(self, workdir: Path, port: int | None = None, *, max_queued: int = 1_000_000):
+    """`tls` adds a TLS listener on the same addresses; `extra_config` lines (e.g. `acl_file …`,
+    `include_dir …`) come last, after every listener. Without both, a plain loopback broker."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        max_queued: int = 1_000_000,
+        listen: tuple[str, ...] = DUAL_STACK,
+        tls: TlsListener | None = None,
+        extra_config: Sequence[str] = (),
+    ):
+        if not listen:
+            raise BrokerError("a broker needs at least one listen address")
         self.workdir = workdir
         self.port = port or free_port()
         self.max_queued = max_queued
+        self.listen = listen
+        self.tls = tls
+        self.extra_config = tuple(extra_config)
         self.process: subprocess.Popen[bytes] | None = None
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
@@ -73,8 +125,7 @@ class MosquittoBroker:
     def config_text(self) -> str:
         user = "root" if os.geteuid() == 0 else os.environ.get("USER", "")
         lines = [
-            f"listener {self.port} 127.0.0.1",
-            f"listener {self.port} ::1",
+            *(f"listener {self.port} {address}" for address in self.listen),
             "allow_anonymous true",
             "persistence true",
             f"persistence_location {self.workdir}/",
@@ -90,6 +141,9 @@ class MosquittoBroker:
             "connection_messages true",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
         ]
+        if self.tls is not None:
+            lines += self.tls.config_lines(self.listen)
+        lines += self.extra_config
         if user:
             lines.insert(0, f"user {user}")
         return "\n".join(lines) + "\n"
@@ -109,7 +163,11 @@ class MosquittoBroker:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
                 raise BrokerError(f"mosquitto exited at start: {err.strip()} ({self.log_tail()})")
-            if self._log_says_running(offset) and self._answers_connect():
+            if (
+                self._log_says_running(offset)
+                and self._answers_connect()
+                and (self.tls is None or self._accepts_tcp(self.tls.port))
+            ):
                 return
             time.sleep(0.02)
         self.stop()
@@ -123,14 +181,23 @@ class MosquittoBroker:
             return b"running" in log.read()
 
     def _answers_connect(self) -> bool:
-        """A real MQTT CONNECT/CONNACK round trip on both addresses."""
+        """A real MQTT CONNECT/CONNACK round trip on every listen address."""
         connect = bytes.fromhex("101000044d5154540402003c0004") + b"ping"
-        for host in ("127.0.0.1", "::1"):
+        for host in self.listen:
             try:
                 with socket.create_connection((host, self.port), timeout=1) as sock:
                     sock.sendall(connect)
                     if sock.recv(4)[:1] != b"\x20":
                         return False
+            except OSError:
+                return False
+        return True
+
+    def _accepts_tcp(self, port: int) -> bool:
+        for host in self.listen:
+            try:
+                with socket.create_connection((host, port), timeout=1):
+                    pass
             except OSError:
                 return False
         return True
