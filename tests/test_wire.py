@@ -134,3 +134,18 @@ def test_json_schema_export(tmp_path: Path) -> None:
     }
     telemetry = json.loads((tmp_path / "telemetry.schema.json").read_text())
     assert telemetry["properties"]["readings"]["items"]["prefixItems"][0]["minimum"] == 1
+
+
+def test_ipv6_literals_are_accepted_with_or_without_brackets() -> None:
+    from drivers.modbus.driver import ModbusTcpConnection
+    from wire.mqtt import MqttSettings
+    from wire.net import host_port
+
+    assert MqttSettings(host="[fd00::1]").host == "fd00::1"
+    assert MqttSettings(host="::1").host == "::1"
+    connection = ModbusTcpConnection(type="modbus-tcp", host="[fd00::5]", port=1502)
+    assert connection.host == "fd00::5"
+    assert host_port("fd00::5", 502) == "[fd00::5]:502"
+    assert host_port("broker.school", 1883) == "broker.school:1883"
+    with pytest.raises(ValueError, match="not a host"):
+        MqttSettings(host="[fd00::1]:1883")

@@ -27,9 +27,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field, FilePath
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FilePath
 
 from wire.errors import WireError
+from wire.net import bare_host, host_port
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class MqttSettings(BaseModel):
     """How to reach the broker (the `mqtt:` section of agent and fleet configs)."""
 
     model_config = ConfigDict(extra="forbid")
-    host: str = "localhost"
+    host: Annotated[str, AfterValidator(bare_host)] = "localhost"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
     keepalive_s: Annotated[int, Field(ge=2, le=3600)] = 30
     username: str | None = None
@@ -63,7 +64,7 @@ class MqttError(WireError):
 
 class NotConnected(MqttError):
     def __init__(self, host: str, port: int) -> None:
-        super().__init__(f"not connected to the MQTT broker at {host}:{port}")
+        super().__init__(f"not connected to the MQTT broker at {host_port(host, port)}")
 
 
 class PublishRefused(MqttError):
@@ -384,7 +385,7 @@ class MqttLink:
         self.connects += 1
         self.last_error = None
         self._connected.set()
-        log.info("connected to MQTT broker %s:%s", self.settings.host, self.settings.port)
+        log.info("connected to MQTT broker %s", host_port(self.settings.host, self.settings.port))
 
     def _set_subscribed(self, failures: list[str]) -> None:
         if failures:
@@ -402,7 +403,9 @@ class MqttLink:
 
     def _set_error(self, reason: str) -> None:
         if self.last_error != reason:
-            log.error("MQTT broker %s:%s: %s", self.settings.host, self.settings.port, reason)
+            log.error(
+                "MQTT broker %s: %s", host_port(self.settings.host, self.settings.port), reason
+            )
         self.last_error = reason
 
     def _resolve(self, mid: int, code: int, failed: bool, reason: str) -> None:

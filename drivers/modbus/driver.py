@@ -15,7 +15,7 @@ import struct
 import time
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from drivers.base import Driver, PollResult, Value
 from drivers.errors import DeviceTimeout, DriverError
@@ -34,6 +34,7 @@ from drivers.modbus.points import (
 )
 from drivers.modbus.transport import ModbusTcpClient
 from drivers.profiles import ModbusPoint, PointType, Profile, to_bool
+from wire.net import bare_host
 
 
 class ModbusTcpConnection(BaseModel):
@@ -41,7 +42,7 @@ class ModbusTcpConnection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     type: Literal["modbus-tcp"]
-    host: str
+    host: Annotated[str, AfterValidator(bare_host)]
     port: Annotated[int, Field(ge=1, le=65535)] = 502
     unit: Annotated[int, Field(ge=0, le=255)] = 1
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
