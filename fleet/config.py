@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleet.alerts import AlertRules
+from fleet.influx.settings import InfluxSettings
 from wire.documents import load_document
 from wire.models import Id
 from wire.mqtt import MqttSettings
@@ -46,13 +47,18 @@ class FleetConfig(BaseModel):
     alerts: AlertRules = Field(
         default_factory=list, description="alert rules (see fleet/alerts.py)"
     )
+    influx: InfluxSettings | None = Field(
+        None, description="InfluxDB sink (see fleet/influx/); none: the sink is off"
+    )
 
 
 def load_config(path: Path) -> FleetConfig:
     config = load_document(FleetConfig, path)
-    updates = {}
+    updates: dict[str, object] = {}
     for name in ("database", "signing_key", "profiles_dir"):
         value = getattr(config, name)
         if value is not None and not value.is_absolute():
             updates[name] = path.parent / value
+    if config.influx is not None:
+        updates["influx"] = config.influx.relative_to(path.parent)
     return config.model_copy(update=updates) if updates else config

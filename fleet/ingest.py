@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from fleet.alerts import AlertEngine
 from fleet.store import Store
 from wire.control import Ack, CommandResult
 from wire.errors import WireError
-from wire.models import Event, GatewayState, TelemetryBatch, decode
+from wire.models import Event, GatewayState, Reading, TelemetryBatch, decode
 from wire.mqtt import Message
 from wire.topics import Channel, parse_topic
 
@@ -41,6 +41,10 @@ class Ingest:
         # Control-plane answers go to the service's control plane (fleet/control.py).
         self.on_ack: Callable[[str, str, Ack], None] | None = None
         self.on_result: Callable[[str, str, CommandResult], None] | None = None
+        # The InfluxDB sink (fleet/influx/sink.py): readings before they are stored (so that it
+        # can tell repeats), and states (devices' kinds and profiles may change).
+        self.on_telemetry: Callable[[str, str, Sequence[Reading]], None] | None = None
+        self.on_state: Callable[[str, str], None] | None = None
 
     def handle(self, message: Message) -> None:
         """Stores one message; call inside `store.transaction()`."""
@@ -49,6 +53,8 @@ class Ingest:
             site, gateway, channel = parse_topic(message.topic)
             if channel is Channel.TELEMETRY:
                 batch = decode(TelemetryBatch, message.topic, message.payload)
+                if self.on_telemetry is not None:
+                    self.on_telemetry(site, gateway, batch.readings)
                 result = self.store.ingest_batch(site, gateway, batch.readings)
                 self.counters.readings += result.new
                 self.counters.duplicates += result.duplicates
@@ -59,6 +65,8 @@ class Ingest:
                 state = decode(GatewayState, message.topic, message.payload)
                 self.store.record_state(site, gateway, state, retained=message.retain)
                 self.alerts.on_state(site, gateway, state)
+                if self.on_state is not None:
+                    self.on_state(site, gateway)
             elif channel is Channel.EVENTS:
                 event = decode(Event, message.topic, message.payload)
                 self.store.record_event(site, gateway, event)

@@ -12,6 +12,7 @@ import logging
 from fleet.alerts import AlertEngine, publish_alerts, run_ticks
 from fleet.config import FleetConfig
 from fleet.control import ControlPlane
+from fleet.influx.sink import InfluxSink
 from fleet.ingest import Ingest
 from fleet.store import Store
 from wire.control import Ack
@@ -47,6 +48,10 @@ class FleetService:
         self.control = ControlPlane(config, self.store, self.link)
         self.ingest.on_ack = self._on_ack
         self.ingest.on_result = self.control.on_result
+        self.influx = InfluxSink(self.store, config.influx) if config.influx else None
+        if self.influx is not None:
+            self.ingest.on_telemetry = self.influx.on_telemetry
+            self.ingest.on_state = self.influx.on_state
 
     def _on_ack(self, site: str, gateway: str, ack: Ack) -> None:
         self.control.on_ack(site, gateway, ack)
@@ -65,12 +70,13 @@ class FleetService:
         consumer = asyncio.create_task(self._consume(), name="ingest")
         control = asyncio.create_task(self.control.run(), name="control")
         alerts = asyncio.create_task(run_ticks(self.alerts, self.link), name="alerts")
+        workers = [consumer, control, alerts]
+        if self.influx is not None:
+            workers.append(asyncio.create_task(self.influx.run(), name="influx"))
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
-            await asyncio.wait(
-                {consumer, control, alerts, stopper}, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in (consumer, control, alerts):
+            await asyncio.wait({*workers, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in workers:
                 if task.done():
                     # Unacknowledged messages stay with the broker; the service manager
                     # restarts us.
@@ -78,10 +84,9 @@ class FleetService:
                     raise IngestStopped(str(task.exception())) from task.exception()
         finally:
             stopper.cancel()
-            consumer.cancel()
-            control.cancel()
-            alerts.cancel()
-            await asyncio.gather(consumer, control, alerts, stopper, return_exceptions=True)
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, stopper, return_exceptions=True)
             await self.link.stop()
             self.store.close()
 

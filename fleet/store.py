@@ -287,6 +287,35 @@ TABLES: dict[str, TableSpec] = {
         },
         pk="id",
     ),
+    # -- InfluxDB sink (fleet/influx/) ----------------------------------------------------------
+    # Line protocol waiting to be written, one row per telemetry message, in order: inserted in the
+    # transaction that stores its readings, deleted in the one that counts them written.
+    "influx_queue": TableSpec({"id": int, "points": int, "lines": str, "queued_ns": int}, pk="id"),
+    "influx_status": TableSpec(
+        {
+            "name": str,
+            "enqueued": int,
+            "queued": int,
+            "written": int,
+            "evicted": int,
+            "rejected": int,
+            "skipped": int,
+            "last_error": str,
+            "last_error_ns": int,
+            "failing_since_ns": int,
+            "last_success_ns": int,
+        },
+        pk="name",
+        defaults={
+            "enqueued": 0,
+            "queued": 0,
+            "written": 0,
+            "evicted": 0,
+            "rejected": 0,
+            "skipped": 0,
+        },
+    ),
+    "influx_rejects": TableSpec({"id": int, "ts_ns": int, "line": str, "error": str}, pk="id"),
 }
 
 
