@@ -42,7 +42,7 @@ from fleet.rollouts import ACTIVE, RolloutError, Rollouts
 from fleet.settings import NodeSettings, SettingsError, validate_settings
 from fleet.store import Store
 from fleet.timefmt import ago, iso
-from fleet.versions import APPLIED, PENDING, REJECTED, SENT, Versions
+from fleet.versions import APPLIED, PENDING, REJECTED, SENT, Versions, carries
 from wire.documents import read_yaml
 from wire.errors import DocumentError
 from wire.signing import body_hash
@@ -310,8 +310,7 @@ def config_push(
     if dry_run:
         plan = []
         for (site, gw), body in bodies.items():
-            latest = versions.latest(site, gw)
-            same = latest is not None and latest["sha256"] == body_hash(body)
+            same = carries(versions.latest(site, gw), body_hash(body))
             plan.append({"site": site, "gateway": gw, "changed": force or not same})
         if as_json:
             emit_json({"dry_run": True, "gateways": plan})

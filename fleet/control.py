@@ -4,16 +4,23 @@ records acknowledgements and results, drives rollouts, and keeps a heartbeat.
 The CLI never talks MQTT for these: it writes what it wants into the registry (a pending config
 version, a pending command, a rollout) and the running service carries it out, so a change
 survives a restart of either and the signing key stays with the service.
+
+Rules: the loop never waits for the broker (heartbeat, rollouts and command deadlines go on while
+it is away). A publication is tracked until its PUBACK, then its row is marked sent; it is not
+published again meanwhile (paho re-sends it on a new connection). Only the newest pending version
+of a gateway is published, so an older one never lands on the retained topic after a newer one.
+Rollout acknowledgement timeouts count only time in which the service could hear the gateways.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import time
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -26,7 +33,7 @@ from fleet.store import Store
 from fleet.versions import Versions
 from wire.control import Ack, CommandResult
 from wire.models import encode
-from wire.mqtt import MqttError, MqttLink
+from wire.mqtt import MqttLink
 from wire.signing import KeyFileError, key_id, load_private_key, sign
 from wire.topics import Channel, topic
 
@@ -34,7 +41,68 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.1
 TICK_S = 1.0
-PUBACK_TIMEOUT_S = 30.0
+PUBACK_TIMEOUT_S = 30.0  # connected, yet no PUBACK: published again
+RETRY_S = 5.0  # wait after a failed publication
+
+K = TypeVar("K")
+ConfigKey = tuple[str, str, int]
+
+
+@dataclass(slots=True)
+class _Sending:
+    future: asyncio.Future[int]
+    payload: str
+    since: float  # event-loop time of the publication, or of the link's last (re)connection
+
+
+def _retrieve(future: asyncio.Future[int]) -> None:
+    """Marks the outcome of a publication given up on as seen."""
+    if not future.cancelled():
+        future.exception()
+
+
+class _InFlight(Generic[K]):
+    """Publications waiting for their PUBACK, by key, and keys resting after a failure."""
+
+    def __init__(self) -> None:
+        self.sending: dict[K, _Sending] = {}
+        self.resting: dict[K, float] = {}
+
+    def busy(self, key: K, now: float) -> bool:
+        return key in self.sending or self.resting.get(key, 0.0) > now
+
+    def add(self, key: K, future: asyncio.Future[int], payload: str, now: float) -> None:
+        self.sending[key] = _Sending(future, payload, now)
+
+    def reconnected(self, now: float) -> None:
+        for sending in self.sending.values():
+            sending.since = now
+
+    def finished(
+        self, now: float, connected: bool
+    ) -> tuple[list[tuple[K, str]], list[tuple[K, str]]]:
+        """Takes out the publications that ended: (key, payload) acknowledged, (key, why)
+        failed; the failed ones rest `RETRY_S`."""
+        done: list[tuple[K, str]] = []
+        failed: list[tuple[K, str]] = []
+        for key, sending in list(self.sending.items()):
+            future = sending.future
+            if future.done():
+                error = None if future.cancelled() else future.exception()
+                if future.cancelled() or error is not None:
+                    failed.append((key, str(error) if error is not None else "cancelled"))
+                else:
+                    done.append((key, sending.payload))
+            elif connected and now - sending.since > PUBACK_TIMEOUT_S:
+                future.add_done_callback(_retrieve)
+                failed.append((key, f"no PUBACK within {PUBACK_TIMEOUT_S:g} s"))
+            else:
+                continue
+            del self.sending[key]
+        self.resting = {key: until for key, until in self.resting.items() if until > now}
+        for key, _why in failed:
+            self.resting[key] = now + RETRY_S
+        return done, failed
 
 
 class ControlPlane:
@@ -55,6 +123,13 @@ class ControlPlane:
             self.key_problem = f"{exc} (run 'campus-fleet keys generate')"
             log.error("configs cannot be pushed: %s", self.key_problem)
         self.started_ns = time.time_ns()
+        #: Wall time since which the service hears the gateways (connected); None while not.
+        self.listening_since_ns: int | None = None
+        self._connects = 0
+        self._next_tick = 0.0
+        self._configs: _InFlight[ConfigKey] = _InFlight()
+        self._commands: _InFlight[str] = _InFlight()
+        self._unsigned: set[ConfigKey] = set()
 
     # -- ingest hooks (inside the ingest transaction) --------------------------------------------
 
@@ -72,19 +147,34 @@ class ControlPlane:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        next_tick = 0.0
         while True:
-            now = loop.time()
-            if now >= next_tick:
-                next_tick = now + TICK_S
-                self._heartbeat()
-                self.rollouts.tick(time.time_ns())
-                with self.store.transaction():
-                    self.commands.expire(time.time_ns())
-            if self.link.connected:
-                await self._publish_configs()
-                await self._send_commands()
+            self.step(loop.time())
             await asyncio.sleep(POLL_S)
+
+    def step(self, now: float) -> None:
+        """One round at event-loop time `now`; never waits."""
+        self._watch_link(now)
+        if now >= self._next_tick:
+            self._next_tick = now + TICK_S
+            wall = time.time_ns()
+            self._heartbeat()
+            heard = self.listening_since_ns
+            self.rollouts.tick(wall, wall if heard is None else heard)
+            with self.store.transaction():
+                self.commands.expire(wall)
+        self._collect(now)
+        if self.link.connected:
+            self._publish_configs(now)
+            self._send_commands(now)
+
+    def _watch_link(self, now: float) -> None:
+        if not self.link.connected:
+            self.listening_since_ns = None
+        elif self.listening_since_ns is None or self.link.connects != self._connects:
+            self._connects = self.link.connects
+            self.listening_since_ns = time.time_ns()
+            self._configs.reconnected(now)
+            self._commands.reconnected(now)
 
     def _heartbeat(self) -> None:
         with self.store.transaction():
@@ -102,71 +192,65 @@ class ControlPlane:
                 ),
             )
 
-    async def _publish_configs(self) -> None:
-        pending = self.versions.pending()
-        if not pending:
-            return
-        if self.key is None:
+    # -- publications ----------------------------------------------------------------------------
+
+    def _collect(self, now: float) -> None:
+        connected = self.link.connected
+        sent, failed = self._configs.finished(now, connected)
+        for (site, gateway, version), why in failed:
+            log.warning("config %s/%s v%d not published yet: %s", site, gateway, version, why)
+        if sent or failed:
             with self.store.transaction():
-                for row in pending:
-                    self.versions.mark_unsendable(
-                        row["site"],
-                        row["gateway"],
-                        row["version"],
-                        f"not signed: {self.key_problem}",
-                    )
+                for (site, gateway, version), why in failed:
+                    self.versions.mark_unsendable(site, gateway, version, f"not published: {why}")
+                self.versions.mark_sent([(*key, document) for key, document in sent])
+            if sent:
+                log.info("published %d config versions", len(sent))
+        done, failed_commands = self._commands.finished(now, connected)
+        for command_id, why in failed_commands:
+            log.warning("command %s not sent yet: %s", command_id, why)
+        if done:
+            with self.store.transaction():
+                self.commands.mark_sent([command_id for command_id, _payload in done])
+
+    def _publish_configs(self, now: float) -> None:
+        newest: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in self.versions.pending():
+            place = (row["site"], row["gateway"])
+            if place not in newest or row["version"] > newest[place]["version"]:
+                newest[place] = row  # an older pending one is superseded once this one is sent
+        if self.key is None:
+            unsigned = {(s, g, row["version"]) for (s, g), row in newest.items()} - self._unsigned
+            if unsigned:
+                with self.store.transaction():
+                    for site, gateway, version in unsigned:
+                        self.versions.mark_unsendable(
+                            site, gateway, version, f"not signed: {self.key_problem}"
+                        )
+                self._unsigned |= unsigned
             return
-        futures = []
-        for row in pending:
+        for (site, gateway), row in newest.items():
+            key = (site, gateway, int(row["version"]))
+            if self._configs.busy(key, now):
+                continue
             document = sign(
                 self.key,
                 kind="config",
-                site=row["site"],
-                gateway=row["gateway"],
-                version=row["version"],
+                site=site,
+                gateway=gateway,
+                version=key[2],
                 issued_ns=time.time_ns(),
                 body=json.loads(row["body"]),
             )
             payload = encode(document)
             future = self.link.publish(
-                topic(row["site"], row["gateway"], Channel.CONFIG), payload, qos=1, retain=True
+                topic(site, gateway, Channel.CONFIG), payload, qos=1, retain=True
             )
-            futures.append((row, payload, future))
-        sent = []
-        for row, payload, future in futures:
-            try:
-                await self.link.acknowledged(future, PUBACK_TIMEOUT_S)
-            except (MqttError, TimeoutError) as exc:
-                log.warning(
-                    "config %s/%s v%d not published yet: %s",
-                    row["site"],
-                    row["gateway"],
-                    row["version"],
-                    exc,
-                )
-                continue
-            sent.append((row["site"], row["gateway"], row["version"], payload.decode()))
-        if sent:
-            with self.store.transaction():
-                self.versions.mark_sent(sent)
-            log.info("published %d config versions", len(sent))
+            self._configs.add(key, future, payload.decode(), now)
 
-    async def _send_commands(self) -> None:
-        pending = self.commands.pending()
-        if not pending:
-            return
-        futures = [
-            (
-                request.id,
-                self.link.publish(topic(site, gateway, Channel.CMD), encode(request), qos=1),
-            )
-            for site, gateway, request in pending
-        ]
-        sent = []
-        for command_id, future in futures:
-            with contextlib.suppress(MqttError, TimeoutError):
-                await self.link.acknowledged(future, PUBACK_TIMEOUT_S)
-                sent.append(command_id)
-        if sent:
-            with self.store.transaction():
-                self.commands.mark_sent(sent)
+    def _send_commands(self, now: float) -> None:
+        for site, gateway, request in self.commands.pending():
+            if self._commands.busy(request.id, now):
+                continue
+            future = self.link.publish(topic(site, gateway, Channel.CMD), encode(request), qos=1)
+            self._commands.add(request.id, future, "", now)

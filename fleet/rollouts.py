@@ -5,8 +5,9 @@ stages (`1,10%,50%,100%`: one canary, then up to 10 % of them, …). Each stage'
 new config version; the stage is over when every one of them acknowledged it or timed out. When
 the failures so far (rejected or unanswered) exceed `max_failures` of the gateways pushed so far,
 the rollout halts and the failed stage is rolled back: each of its gateways gets a new version
-carrying the body it ran before. All state is in the registry, so a fleet restart resumes where
-it was; `tick()` is called by the service about every second.
+carrying the body it ran before. A paused rollout still records its stage's answers (and halts
+on failures), but starts no new stage. All state is in the registry, so a fleet restart resumes
+where it was; `tick()` is called by the service about every second.
 
 An optional settings overlay (a rollout's `--config` file) is laid over each gateway's effective
 settings; once the rollout is done it is merged into the target's own settings, so later pushes
@@ -89,6 +90,12 @@ def parse_fraction(text: str) -> float:
     return value
 
 
+def too_many_failures(failed: int, pushed: int, fraction: float) -> bool:
+    """More than `fraction` of `pushed`: 29 of 100 is not more than 29 %, although
+    0.29 * 100 is 28.999999999999996 in floating point."""
+    return failed > math.floor(fraction * pushed + 1e-9)
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     total: int
@@ -169,25 +176,24 @@ class Rollouts:
         return rollout_id
 
     def set_state(self, rollout_id: int, action: str, *, rollback: bool = False) -> str:
-        rollout = self.get(rollout_id)
-        state = rollout["state"]
-        if action == "pause":
-            if state != RUNNING:
-                raise RolloutError(f"rollout {rollout_id} is {state}, not running")
-            new, message = PAUSED, "paused: no new stage starts"
-        elif action == "resume":
-            if state not in (PAUSED, HALTED):
-                raise RolloutError(
-                    f"rollout {rollout_id} is {state}: only paused or halted rollouts resume"
-                )
-            new, message = RUNNING, "resumed"
-        elif action == "abort":
-            if state not in (*ACTIVE, HALTED):
-                raise RolloutError(f"rollout {rollout_id} is already {state}")
-            new, message = ABORTED, "aborted"
-        else:
+        if action not in ("pause", "resume", "abort"):
             raise RolloutError(f"unknown action {action!r}")
-        with self.store.transaction():
+        with self.store.transaction():  # the state read here is the one changed
+            state = self.get(rollout_id)["state"]
+            if action == "pause":
+                if state != RUNNING:
+                    raise RolloutError(f"rollout {rollout_id} is {state}, not running")
+                new, message = PAUSED, "paused: no new stage starts"
+            elif action == "resume":
+                if state not in (PAUSED, HALTED):
+                    raise RolloutError(
+                        f"rollout {rollout_id} is {state}: only paused or halted rollouts resume"
+                    )
+                new, message = RUNNING, "resumed"
+            else:
+                if state not in (*ACTIVE, HALTED):
+                    raise RolloutError(f"rollout {rollout_id} is already {state}")
+                new, message = ABORTED, "aborted"
             if action == "resume" and state == HALTED:
                 # The halted stage was rolled back: it is pushed again (after a fix).
                 self.conn.execute(
@@ -195,11 +201,12 @@ class Rollouts:
                 )
                 message = "resumed: the halted stage is pushed again"
             if action == "abort" and rollback:
-                pushed = self.store._rows(
-                    "SELECT * FROM rollout_gateways WHERE rollout = ? AND status != ?",
-                    (rollout_id, WAITING),
+                reached = self.store._rows(
+                    "SELECT * FROM rollout_gateways WHERE rollout = ? AND version IS NOT NULL "
+                    "AND status NOT IN (?, ?)",
+                    (rollout_id, WAITING, ROLLED_BACK),
                 )
-                rolled = self._roll_back(rollout_id, pushed)
+                rolled = self._roll_back(rollout_id, reached)
                 message += f", {rolled} gateways rolled back"
             self._update(rollout_id, state=new, message=message)
         return new
@@ -234,21 +241,31 @@ class Rollouts:
 
     # -- the engine (service) --------------------------------------------------------------------
 
-    def tick(self, now_ns: int) -> None:
-        for rollout in self.store._rows("SELECT * FROM rollouts WHERE state = ?", (RUNNING,)):
+    def tick(self, now_ns: int, heard_since_ns: int = 0) -> None:
+        """Advances every running rollout, and records the answers of paused ones.
+        Acknowledgement timeouts count from the later of a stage's start and `heard_since_ns`
+        (when the service last began hearing the gateways): time in which no answer could
+        arrive, e.g. while the service was down, does not count."""
+        rollouts = self.store._rows("SELECT id FROM rollouts WHERE state IN (?, ?)", ACTIVE)
+        for rollout_id in (row["id"] for row in rollouts):
             with self.store.transaction():
-                self._advance(rollout, now_ns)
+                rollout = self.get(rollout_id)  # read again: the CLI may have changed it
+                if rollout["state"] in ACTIVE:
+                    self._advance(rollout, now_ns, heard_since_ns)
 
-    def _advance(self, rollout: dict[str, Any], now_ns: int) -> None:
+    def _advance(self, rollout: dict[str, Any], now_ns: int, heard_since_ns: int) -> None:
         rollout_id, stage = rollout["id"], rollout["stage"]
+        paused = rollout["state"] == PAUSED
         counts: list[int] = json.loads(rollout["stages"])["counts"]
         members = self.store._rows(
             "SELECT * FROM rollout_gateways WHERE rollout = ? AND stage = ?", (rollout_id, stage)
         )
         if rollout["stage_started_ns"] is None:
-            self._push_stage(rollout, members, now_ns)
+            if not paused:  # paused: no new stage starts
+                self._push_stage(rollout, members, now_ns)
             return
         timeout_ns = int(rollout["ack_timeout_s"] * 1e9)
+        waited_since = max(rollout["stage_started_ns"], heard_since_ns)
         for member in members:
             if member["status"] != PUSHED:
                 continue
@@ -259,7 +276,7 @@ class Rollouts:
                 if state == SUPERSEDED:
                     reason = "a newer version was pushed to this gateway meanwhile"
                 self._set_member(member, state, reason)
-            elif now_ns - rollout["stage_started_ns"] > timeout_ns:
+            elif now_ns - waited_since > timeout_ns:
                 self._set_member(
                     member, TIMEOUT, f"no acknowledgement within {rollout['ack_timeout_s']:g} s"
                 )
@@ -269,7 +286,7 @@ class Rollouts:
         )
         failed = sum(1 for r in everyone if r["status"] in FAILED)
         waiting = sum(1 for r in everyone if r["status"] == PUSHED)
-        if failed > rollout["max_failures"] * len(everyone):
+        if too_many_failures(failed, len(everyone), rollout["max_failures"]):
             members = self.store._rows(
                 "SELECT * FROM rollout_gateways WHERE rollout = ? AND stage = ?",
                 (rollout_id, stage),
@@ -282,7 +299,7 @@ class Rollouts:
             log.warning("rollout %d %s", rollout_id, message)
             self._update(rollout_id, state=HALTED, message=message)
             return
-        if waiting:
+        if waiting or paused:
             return
         if stage + 1 >= len(counts):
             self._finish(rollout)
@@ -320,7 +337,10 @@ class Rollouts:
                 latest = self.versions.latest(site, gateway)
                 version = latest["version"] if latest else 0
             self.conn.execute(
-                "UPDATE rollout_gateways SET version = ?, previous_version = ?, status = ? "
+                # A stage pushed again (a halted rollout resumed) keeps what ran before the
+                # rollout: the rollback's own version may not even be applied yet.
+                "UPDATE rollout_gateways SET version = ?, "
+                "previous_version = coalesce(previous_version, ?), status = ? "
                 "WHERE rollout = ? AND site = ? AND gateway = ?",
                 (version, previous, PUSHED, rollout["id"], site, gateway),
             )

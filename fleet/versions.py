@@ -32,6 +32,16 @@ class Staged:
     sha256: str
 
 
+def carries(latest: dict[str, Any] | None, sha256: str) -> bool:
+    """True when a gateway's newest version already carries this body (and was not rejected
+    or superseded): a push of it makes no new version."""
+    return (
+        latest is not None
+        and latest["sha256"] == sha256
+        and latest["state"] in (PENDING, SENT, APPLIED)
+    )
+
+
 class Versions:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -70,12 +80,7 @@ class Versions:
         not rejected); call inside a transaction."""
         sha = body_hash(body)
         latest = self.latest(site, gateway)
-        if (
-            not force
-            and latest is not None
-            and latest["sha256"] == sha
-            and latest["state"] in (PENDING, SENT, APPLIED)
-        ):
+        if not force and carries(latest, sha):
             return Staged(site, gateway, None, sha)
         version = (latest["version"] if latest else 0) + 1
         self.conn.execute(
@@ -106,10 +111,14 @@ class Versions:
         """(site, gateway, version, signed document JSON) published; call inside a transaction.
         Older unanswered versions of the same gateways are superseded."""
         now = time.time_ns()
+        # The gateway may have answered before the PUBACK came: its answer stays, and the
+        # document is kept all the same. A reason noted while it waited is over.
         self.conn.executemany(
-            "UPDATE config_versions SET state = ?, document = ?, sent_ns = ? "
-            "WHERE site = ? AND gateway = ? AND version = ? AND state = ?",
-            [(SENT, document, now, s, g, v, PENDING) for s, g, v, document in rows],
+            "UPDATE config_versions SET document = ?, sent_ns = ?, "
+            "reason = CASE WHEN state = ? THEN NULL ELSE reason END, "
+            "state = CASE WHEN state = ? THEN ? ELSE state END "
+            "WHERE site = ? AND gateway = ? AND version = ?",
+            [(document, now, PENDING, PENDING, SENT, s, g, v) for s, g, v, document in rows],
         )
         self.conn.executemany(
             "UPDATE config_versions SET state = ? WHERE site = ? AND gateway = ? "
@@ -118,18 +127,35 @@ class Versions:
         )
 
     def mark_unsendable(self, site: str, gateway: str, version: int, reason: str) -> None:
+        """Why a pending version has not gone out yet (shown by `config status`)."""
         self.conn.execute(
-            "UPDATE config_versions SET reason = ? WHERE site = ? AND gateway = ? AND version = ?",
-            (reason, site, gateway, version),
+            "UPDATE config_versions SET reason = ? "
+            "WHERE site = ? AND gateway = ? AND version = ? AND state = ?",
+            (reason, site, gateway, version, PENDING),
         )
 
     def record_ack(self, site: str, gateway: str, ack: Ack) -> None:
-        """Stores a gateway's answer; call inside a transaction."""
+        """Stores a gateway's answer; call inside a transaction. The answer is about one of
+        our versions only when its hash matches; the refusal of an old version replayed to a
+        gateway that runs a newer one does not rewrite that version's history."""
         state = APPLIED if ack.status is AckStatus.APPLIED else REJECTED
         self.conn.execute(
             "UPDATE config_versions SET state = ?, reason = ?, acked_ns = ? "
-            "WHERE site = ? AND gateway = ? AND version = ? AND (sha256 = ? OR ? IS NULL)",
-            (state, ack.reason, ack.ts_ns, site, gateway, ack.version, ack.sha256, ack.sha256),
+            "WHERE site = ? AND gateway = ? AND version = ? AND sha256 = ? "
+            "AND NOT (? = ? AND state = ? AND ? > version)",
+            (
+                state,
+                ack.reason,
+                ack.ts_ns,
+                site,
+                gateway,
+                ack.version,
+                ack.sha256,
+                state,
+                REJECTED,
+                APPLIED,
+                ack.applied_version,
+            ),
         )
         applied_sha = ack.sha256 if state == APPLIED else None
         self.conn.execute(

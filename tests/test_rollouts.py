@@ -3,8 +3,10 @@ the test (the end-to-end run with real agents is in test_fleet_control.py)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -281,3 +283,241 @@ def test_a_schedule_set_high_in_the_tree_goes_to_the_gateways_it_concerns(
     # gw-01 has env-01 only: the schedule is narrowed to it, and refused for its command.
     with pytest.raises(DesiredConfigError, match="no command 'power_off'"):
         build_config(registry, library, SITE, "gw-01")
+
+
+def test_a_rollout_changed_by_the_cli_meanwhile_is_not_advanced(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    store, registry = tree
+    rollouts = Rollouts(store, registry, library)
+    target = f"gateway:{SITE}/gw-02"
+    rollout_id = rollouts.start(target, "100%", "0%", NodeSettings(interval_s=7), 60, "tester")
+    rollouts.tick(time.time_ns())
+    answer_pending(rollouts.versions)  # every gateway applied: the next tick finishes it
+    # The CLI (its own connection) aborts it between the service's read and its transaction.
+    cli = Rollouts(Store(store.path), registry, library)
+    service_transaction = store.transaction
+
+    def racing() -> Any:
+        if rollouts.get(rollout_id)["state"] == "running":
+            cli.set_state(rollout_id, "abort")
+        return service_transaction()
+
+    store.transaction = racing  # type: ignore[method-assign]
+    rollouts.tick(time.time_ns())
+    store.transaction = service_transaction  # type: ignore[method-assign]
+    assert rollouts.get(rollout_id)["state"] == "aborted"
+    # Not merged into the gateway's settings, as a done rollout's would be.
+    assert build_config(registry, library, SITE, "gw-02").devices[0].interval_s != 7
+
+
+def test_a_paused_rollout_records_answers_but_starts_no_stage(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    store, registry = tree
+    rollouts = Rollouts(store, registry, library)
+    rollout_id = rollouts.start(f"site:{SITE}", "1,100%", "0%", None, 60, "tester")
+    rollouts.tick(time.time_ns())
+    rollouts.set_state(rollout_id, "pause")
+    assert answer_pending(rollouts.versions) == ["gw-01"]
+    rollouts.tick(time.time_ns())
+    (canary,) = [m for m in rollouts.gateways(rollout_id) if m["stage"] == 0]
+    assert canary["status"] == "applied", "the answer shows while paused"
+    info = rollouts.get(rollout_id)
+    assert (info["state"], info["stage"]) == ("paused", 0)
+    rollouts.tick(time.time_ns())
+    assert answer_pending(rollouts.versions) == [], "no new stage while paused"
+    rollouts.set_state(rollout_id, "resume")
+    run_ticks(rollouts, rollouts.versions, set(), 4)
+    assert rollouts.get(rollout_id)["state"] == "done"
+
+
+def test_aborting_a_halted_rollout_does_not_roll_back_twice(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    store, registry = tree
+    rollouts = Rollouts(store, registry, library)
+    versions = rollouts.versions
+    with store.transaction():
+        for n in range(1, 11):
+            gateway = f"gw-{n:02d}"
+            body = body_of(build_config(registry, library, SITE, gateway))
+            versions.stage(SITE, gateway, body, origin="push", actor="t")
+    answer_pending(versions)
+    rollout_id = rollouts.start(
+        f"site:{SITE}", "1,100%", "10%", NodeSettings(interval_s=9), 60, "tester"
+    )
+    run_ticks(rollouts, versions, {"gw-07", "gw-08"}, 4)
+    assert rollouts.get(rollout_id)["state"] == "halted"
+    assert versions.latest(SITE, "gw-05")["version"] == 3  # type: ignore[index]
+    rollouts.set_state(rollout_id, "abort", rollback=True)
+    assert versions.latest(SITE, "gw-05")["version"] == 3, "rolled back once only"  # type: ignore[index]
+    # The canary, which kept the rollout's config, is the one rolled back now.
+    assert versions.latest(SITE, "gw-01")["origin"] == f"rollback:{rollout_id}"  # type: ignore[index]
+    assert "1 gateways rolled back" in rollouts.get(rollout_id)["message"]
+
+
+def test_ack_timeouts_do_not_count_while_the_service_could_not_hear(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    store, registry = tree
+    rollouts = Rollouts(store, registry, library)
+    rollout_id = rollouts.start(f"site:{SITE}", "1,100%", "0%", None, 5, "tester")
+    start = time.time_ns()
+    rollouts.tick(start)
+    # The service was down for a minute; back, it hears the gateways from `back` on.
+    back = start + 60 * 10**9
+    rollouts.tick(back + 10**9, heard_since_ns=back)
+    assert rollouts.get(rollout_id)["state"] == "running"
+    (canary,) = [m for m in rollouts.gateways(rollout_id) if m["stage"] == 0]
+    assert canary["status"] == "pushed"
+    rollouts.tick(back + 6 * 10**9, heard_since_ns=back)
+    assert rollouts.get(rollout_id)["state"] == "halted"
+
+
+def _ack(versions: Versions, gateway: str, version: int, **fields: Any) -> None:
+    row = versions.get(SITE, gateway, version)
+    assert row is not None
+    values: dict[str, Any] = {
+        "kind": "config",
+        "version": version,
+        "sha256": row["sha256"],
+        "status": AckStatus.APPLIED,
+        "applied_version": version,
+        "ts_ns": time.time_ns(),
+        **fields,
+    }
+    with versions.store.transaction():
+        versions.record_ack(SITE, gateway, Ack(**values))
+
+
+def test_an_answer_before_the_puback_is_kept(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    store, registry = tree
+    versions = Versions(store)
+    body = body_of(build_config(registry, library, SITE, "gw-01"))
+    with store.transaction():
+        versions.stage(SITE, "gw-01", body, origin="push", actor="t")
+    # The gateway answers before the service saw the broker's PUBACK.
+    _ack(versions, "gw-01", 1)
+    with store.transaction():
+        versions.mark_sent([(SITE, "gw-01", 1, '{"signed": 1}')])
+    first = versions.get(SITE, "gw-01", 1)
+    assert first is not None and first["state"] == "applied"
+    assert first["document"] == '{"signed": 1}', "what was published is on record"
+
+
+def test_a_refused_replay_is_reported_without_rewriting_history(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    store, registry = tree
+    versions = Versions(store)
+    body = body_of(build_config(registry, library, SITE, "gw-01"))
+    with store.transaction():
+        versions.stage(SITE, "gw-01", body, origin="push", actor="t")
+        versions.mark_sent([(SITE, "gw-01", 1, "{}")])
+    _ack(versions, "gw-01", 1)
+    with store.transaction():
+        versions.stage(SITE, "gw-01", body, origin="push", actor="t", force=True)
+        versions.mark_sent([(SITE, "gw-01", 2, "{}")])
+    _ack(versions, "gw-01", 2)
+    # Version 1 replayed to the gateway, which runs 2: refused, reported, history kept.
+    _ack(
+        versions,
+        "gw-01",
+        1,
+        status=AckStatus.REJECTED,
+        reason="version 1 is older than the applied version 2: replay refused",
+        applied_version=2,
+    )
+    assert versions.get(SITE, "gw-01", 1)["state"] == "applied"  # type: ignore[index]
+    (status,) = versions.status([(SITE, "gw-01")])
+    assert (status["last_status"], status["applied_version"]) == ("rejected", 2)
+    assert "replay" in status["last_reason"]
+    # An answer without a hash (a document that was not ours) marks none of our versions.
+    _ack(versions, "gw-01", 2, sha256=None, status=AckStatus.REJECTED, reason="garbage")
+    assert versions.get(SITE, "gw-01", 2)["state"] == "applied"  # type: ignore[index]
+
+
+def test_a_dry_run_says_what_a_push_would_do(tmp_path: Path) -> None:
+    from tests.conftest import run_cli, write_yaml
+
+    store = Store(tmp_path / "fleet.db")
+    library = ProfileLibrary.load()
+    registry = Registry(store, library)
+    registry.add_site(SITE)
+    registry.add_gateway(SITE, "gw-01")
+    registry.add_device(
+        SITE, "env-01", "gw-01", "campussim-thc100", {"type": "modbus-tcp", "host": "127.0.0.1"}
+    )
+    versions = Versions(store)
+    body = body_of(build_config(registry, library, SITE, "gw-01"))
+    with store.transaction():
+        versions.stage(SITE, "gw-01", body, origin="push", actor="t")
+    _ack(versions, "gw-01", 1, status=AckStatus.REJECTED, reason="no", applied_version=0)
+    config = write_yaml(tmp_path / "fleet.yaml", {"database": str(tmp_path / "fleet.db")})
+    args = ("--config", str(config), "config", "push", f"site:{SITE}", "--dry-run", "--json")
+    result = run_cli("campus-fleet", *args)
+    assert result.returncode == 0, result.stderr
+    # The same content was rejected: a push makes a new version of it, so it is a change.
+    assert json.loads(result.stdout)["gateways"][0]["changed"] is True
+
+
+def test_failures_exactly_at_the_limit_do_not_halt(tmp_path: Path, library: ProfileLibrary) -> None:
+    store = Store(tmp_path / "fleet.db")
+    registry = Registry(store, library)
+    registry.add_site(SITE)
+    gateways = [f"gw-{n:02d}" for n in range(1, 51)]
+    for n, gateway in enumerate(gateways, start=1):
+        registry.add_gateway(SITE, gateway)
+        registry.add_device(
+            SITE,
+            f"env-{n:02d}",
+            gateway,
+            "campussim-thc100",
+            {"type": "modbus-tcp", "host": "127.0.0.1", "port": 1502},
+        )
+    rollouts = Rollouts(store, registry, library)
+    # 29 of 50 is 58 %: not more than 58 % (yet 0.58 * 50 is 28.999999999999996).
+    rollout_id = rollouts.start(f"site:{SITE}", "100%", "58%", None, 60, "tester")
+    run_ticks(rollouts, rollouts.versions, set(gateways[:29]), 3)
+    info = rollouts.get(rollout_id)
+    assert info["state"] == "done", info["message"]
+    assert rollouts.progress(rollout_id).failed == 29
+
+
+def test_a_resumed_rollout_still_rolls_back_to_what_ran_before_it(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    store, registry = tree
+    rollouts = Rollouts(store, registry, library)
+    versions = rollouts.versions
+    with store.transaction():
+        for n in range(1, 11):
+            gateway = f"gw-{n:02d}"
+            body = body_of(build_config(registry, library, SITE, gateway))
+            versions.stage(SITE, gateway, body, origin="push", actor="t")
+    answer_pending(versions)
+    before = versions.body(SITE, "gw-05", 1)
+    rollout_id = rollouts.start(
+        f"site:{SITE}", "1,100%", "10%", NodeSettings(interval_s=9), 60, "tester"
+    )
+    for _ in range(4):
+        rollouts.tick(time.time_ns())
+        if rollouts.get(rollout_id)["state"] == "halted":
+            break
+        answer_pending(versions, {"gw-07", "gw-08"})
+    assert rollouts.get(rollout_id)["state"] == "halted"
+    # Resumed at once: gw-05 applied the rollout's v2, its rollback v3 is not answered yet.
+    assert versions.applied_version(SITE, "gw-05") == 2
+    rollouts.set_state(rollout_id, "resume")
+    rollouts.tick(time.time_ns())
+    (member,) = [m for m in rollouts.gateways(rollout_id) if m["gateway"] == "gw-05"]
+    assert member["previous_version"] == 1
+    answer_pending(versions, {"gw-07", "gw-08"})
+    rollouts.tick(time.time_ns())
+    assert rollouts.get(rollout_id)["state"] == "halted"
+    latest = versions.latest(SITE, "gw-05")
+    assert latest is not None and latest["origin"] == f"rollback:{rollout_id}"
+    assert versions.body(SITE, "gw-05", latest["version"]) == before
