@@ -90,12 +90,15 @@ def resolve_gateways(registry: Registry, targets: Iterable[str]) -> list[tuple[s
 def service_problem(store: Store) -> str | None:
     """Why the service cannot carry out a change now (None: it is running and can sign)."""
     row = store.conn.execute(
-        "SELECT heartbeat_ns, signing_key FROM service ORDER BY heartbeat_ns DESC LIMIT 1"
+        "SELECT heartbeat_ns, signing_key, connected FROM service "
+        "ORDER BY heartbeat_ns DESC LIMIT 1"
     ).fetchone()
     if row is None or time.time_ns() - row[0] > SERVICE_STALE_S * 1e9:
         return "no 'campus-fleet serve' is running on this database"
     if row[1] is None:
         return "the fleet service has no signing key (run 'campus-fleet keys generate')"
+    if row[2] == 0:
+        return "'campus-fleet serve' runs but is not connected to the broker (see its log)"
     return None
 
 

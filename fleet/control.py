@@ -179,16 +179,18 @@ class ControlPlane:
     def _heartbeat(self) -> None:
         with self.store.transaction():
             self.store.conn.execute(
-                "INSERT INTO service (name, pid, started_ns, heartbeat_ns, signing_key) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET pid = excluded.pid, "
-                "started_ns = excluded.started_ns, heartbeat_ns = excluded.heartbeat_ns, "
-                "signing_key = excluded.signing_key",
+                "INSERT INTO service (name, pid, started_ns, heartbeat_ns, signing_key, "
+                "connected) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                "pid = excluded.pid, started_ns = excluded.started_ns, "
+                "heartbeat_ns = excluded.heartbeat_ns, signing_key = excluded.signing_key, "
+                "connected = excluded.connected",
                 (
                     self.config.name,
                     os.getpid(),
                     self.started_ns,
                     time.time_ns(),
                     key_id(self.key.public_key()) if self.key else None,
+                    int(self.link.connected),
                 ),
             )
 

@@ -54,6 +54,7 @@ TABLES: dict[str, TableSpec] = {
             # online), and when the agent last reported that its buffer evicted readings
             "offline_since_ns": int,
             "last_eviction_ns": int,
+            "config_version": int,  # the config version the gateway last reported running
         },
         pk=("site", "gateway"),
         defaults={"received": 0, "duplicates": 0, "last_seq": 0, "evicted": 0, "lost": 0},
@@ -272,7 +273,14 @@ TABLES: dict[str, TableSpec] = {
     ),
     # The running service's heartbeat: CLI commands that need it (push, cmd, rollouts) check it.
     "service": TableSpec(
-        {"name": str, "pid": int, "started_ns": int, "heartbeat_ns": int, "signing_key": str},
+        {
+            "name": str,
+            "pid": int,
+            "started_ns": int,
+            "heartbeat_ns": int,
+            "signing_key": str,
+            "connected": int,
+        },
         pk="name",
     ),
     "audit": TableSpec(
@@ -442,6 +450,8 @@ class Store:
             fields["agent_version"] = state.agent_version
         if state.keepalive_s is not None:
             fields["keepalive_s"] = state.keepalive_s
+        if state.config_version is not None:
+            fields["config_version"] = state.config_version
         if state.buffer is not None:
             fields["buffer_depth"] = state.buffer.depth
             fields["evicted"] = state.buffer.evicted

@@ -82,7 +82,7 @@ class Versions:
         latest = self.latest(site, gateway)
         if not force and carries(latest, sha):
             return Staged(site, gateway, None, sha)
-        version = (latest["version"] if latest else 0) + 1
+        version = max(latest["version"] if latest else 0, self._reported(site, gateway)) + 1
         self.conn.execute(
             "INSERT INTO config_versions (site, gateway, version, sha256, body, origin, actor, "
             "state, created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -99,6 +99,15 @@ class Versions:
             ),
         )
         return Staged(site, gateway, version, sha)
+
+    def _reported(self, site: str, gateway: str) -> int:
+        """The version the gateway says it runs (its state): after the fleet database was
+        reset or restored from an older backup, new versions still start above it, or the
+        gateway would refuse them as replays."""
+        row = self.conn.execute(
+            "SELECT config_version FROM gateways WHERE site = ? AND gateway = ?", (site, gateway)
+        ).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
 
     def pending(self, limit: int = 5000) -> list[dict[str, Any]]:
         return self.store._rows(

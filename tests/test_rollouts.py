@@ -521,3 +521,39 @@ def test_a_resumed_rollout_still_rolls_back_to_what_ran_before_it(
     latest = versions.latest(SITE, "gw-05")
     assert latest is not None and latest["origin"] == f"rollback:{rollout_id}"
     assert versions.body(SITE, "gw-05", latest["version"]) == before
+
+
+def test_versions_start_above_what_the_gateway_runs_after_a_database_reset(
+    tree: tuple[Store, Registry], library: ProfileLibrary
+) -> None:
+    from wire.models import GatewayState, Status
+
+    store, registry = tree
+    versions = Versions(store)
+    with store.transaction():
+        # The gateway reports it runs version 7, which this (restored) database never made.
+        store.record_state(SITE, "gw-01", GatewayState(status=Status.ONLINE, config_version=7))
+        staged = versions.stage(
+            SITE,
+            "gw-01",
+            body_of(build_config(registry, library, SITE, "gw-01")),
+            origin="push",
+            actor="t",
+        )
+    assert staged.version == 8
+
+
+def test_the_cli_says_when_the_service_is_not_connected_to_the_broker(
+    tree: tuple[Store, Registry],
+) -> None:
+    from fleet.cli_control import service_problem
+
+    store, _registry = tree
+    store.conn.execute(
+        "INSERT INTO service (name, pid, started_ns, heartbeat_ns, signing_key, connected) "
+        "VALUES ('fleet', 1, 0, ?, 'abc', 0)",
+        (time.time_ns(),),
+    )
+    assert "not connected to the broker" in (service_problem(store) or "")
+    store.conn.execute("UPDATE service SET connected = 1")
+    assert service_problem(store) is None
