@@ -13,6 +13,7 @@ and command time limits apply.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections import deque
@@ -102,6 +103,59 @@ def targets(schedule: Schedule, devices: list[DeviceConfig], library: ProfileLib
 # -- the scheduler --------------------------------------------------------------------------------
 
 
+class ScheduleMemory:
+    """A small JSON file: per schedule id, the schedule's identity (its fields and zone) and
+    the last local date it fired or was skipped. Written (atomically) only when it changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._saved: dict[str, dict[str, str]] | None = None
+
+    @staticmethod
+    def _identity(schedule: Schedule, timezone: str | None) -> str:
+        return json.dumps([schedule.model_dump(mode="json"), timezone], sort_keys=True)
+
+    def _load(self) -> dict[str, dict[str, str]]:
+        if self._saved is None:
+            try:
+                data = json.loads(self.path.read_text())
+                self._saved = data if isinstance(data, dict) else {}
+            except (OSError, ValueError):
+                self._saved = {}
+        return self._saved
+
+    def get(self, schedule: Schedule, timezone: str | None) -> date | None:
+        entry = self._load().get(schedule.id)
+        if not isinstance(entry, dict) or entry.get("identity") != self._identity(
+            schedule, timezone
+        ):
+            return None  # a changed schedule starts afresh
+        try:
+            return date.fromisoformat(entry["last_handled"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def save(self, states: dict[str, tuple[Schedule, date | None]], timezone: str | None) -> None:
+        data = {
+            schedule_id: {
+                "identity": self._identity(schedule, timezone),
+                "last_handled": handled.isoformat(),
+            }
+            for schedule_id, (schedule, handled) in states.items()
+            if handled is not None
+        }
+        if data == self._load():
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(data, sort_keys=True))
+            tmp.replace(self.path)
+        except OSError as exc:
+            log.warning("schedule memory %s not saved: %s", self.path, exc)
+            return
+        self._saved = data
+
+
 @dataclass
 class _State:
     schedule: Schedule
@@ -137,8 +191,12 @@ class Scheduler:
         *,
         grace: timedelta = GRACE,
         tick_s: float = TICK_S,
+        memory_path: Path | None = None,
     ) -> None:
         self.executor = executor
+        #: Which local date each schedule last fired or skipped, kept across restarts so that
+        #: an agent restarted at 22:03 does not run the 22:00 schedule again.
+        self.memory = ScheduleMemory(memory_path) if memory_path is not None else None
         self.devices = devices
         self.library = library
         self.clock = clock
@@ -171,6 +229,11 @@ class Scheduler:
             for day in _recent_days(now, zone):  # already over before we knew the schedule
                 if fire_time(schedule, day, zone) + self.grace < now:
                     state.last_handled = day
+            remembered = self.memory.get(schedule, timezone) if self.memory else None
+            if remembered is not None and (
+                state.last_handled is None or remembered > state.last_handled
+            ):
+                state.last_handled = remembered
             states[schedule.id] = state
         self.zone, self._zone_name, self._states = zone, timezone, states
         for schedule in schedules:
@@ -222,7 +285,15 @@ class Scheduler:
                     continue
                 state.last_handled = state.last_fired = day
                 fire.append(Due(schedule, day, at))
+        self._remember()
         return fire
+
+    def _remember(self) -> None:
+        if self.memory is not None:
+            self.memory.save(
+                {s.schedule.id: (s.schedule, s.last_handled) for s in self._states.values()},
+                self._zone_name,
+            )
 
     def _skipped(self, schedule: Schedule, day: date, late: timedelta, synced: bool) -> None:
         why = (

@@ -165,11 +165,15 @@ def buffer(tmp_path: Path) -> Iterator[Buffer]:
     opened.close()
 
 
-def scheduler(buffer: Buffer, clock: HandClock, *schedules: Schedule) -> Scheduler:
+def scheduler(
+    buffer: Buffer, clock: HandClock, *schedules: Schedule, memory: Path | None = None
+) -> Scheduler:
     events = EventQueue(buffer, clock.wall_ns)
     coordinator = Coordinator(buffer, events, clock)
     executor = CommandExecutor(coordinator, clock, events, timeout_s=5)
-    made = Scheduler(executor, lambda: coordinator.devices, PROFILES, clock, events)
+    made = Scheduler(
+        executor, lambda: coordinator.devices, PROFILES, clock, events, memory_path=memory
+    )
     made.replace(list(schedules), "Europe/Paris")
     return made
 
@@ -251,6 +255,27 @@ def test_a_new_config_keeps_what_already_fired(buffer: Buffer) -> None:
     assert fired(made, local(PARIS, 2024, 3, 5, 22, 2)) == [], "unchanged: not again"
     made.replace([schedule("22:05")], "Europe/Paris")
     assert fired(made, local(PARIS, 2024, 3, 5, 22, 5)) == [date(2024, 3, 5)], "a new time"
+
+
+def test_a_restarted_agent_does_not_fire_again(buffer: Buffer, tmp_path: Path) -> None:
+    memory = tmp_path / "config.applied.json.schedules"
+    first = scheduler(buffer, HandClock(local(PARIS, 2024, 3, 5, 21, 0)), schedule(), memory=memory)
+    assert fired(first, local(PARIS, 2024, 3, 5, 22, 0)) == [date(2024, 3, 5)]
+    # Restarted at 22:03, within the grace period: the memory says it already ran today.
+    again = scheduler(buffer, HandClock(local(PARIS, 2024, 3, 5, 22, 3)), schedule(), memory=memory)
+    assert fired(again, local(PARIS, 2024, 3, 5, 22, 3, 1)) == []
+    assert fired(again, local(PARIS, 2024, 3, 6, 22, 0)) == [date(2024, 3, 6)]
+    # A changed schedule is a new one: its memory does not apply.
+    changed = scheduler(
+        buffer, HandClock(local(PARIS, 2024, 3, 6, 22, 3)), schedule("22:02"), memory=memory
+    )
+    assert fired(changed, local(PARIS, 2024, 3, 6, 22, 3, 1)) == [date(2024, 3, 6)]
+    # A damaged memory file is ignored, not fatal.
+    memory.write_text("{not json")
+    damaged = scheduler(
+        buffer, HandClock(local(PARIS, 2024, 3, 7, 21, 0)), schedule(), memory=memory
+    )
+    assert fired(damaged, local(PARIS, 2024, 3, 7, 22, 0)) == [date(2024, 3, 7)]
 
 
 # -- one real firing -------------------------------------------------------------------------------
