@@ -99,7 +99,8 @@ def influx_status(ctx: Context, as_json: bool) -> None:
     (refused by InfluxDB, e.g. a field type conflict; not tried again), skipped (NaN or infinite
     values, which line protocol cannot carry).
     """
-    settings = ctx.config.influx
+    # With --db the counters need no config file; the settings are shown when there is one.
+    settings = ctx.config.influx if ctx.db_path is None or ctx.config_path.exists() else None
     status = read_status(ctx.store())
     now = time.time_ns()
     if as_json:

@@ -23,6 +23,7 @@ from urllib.parse import urlencode, urlsplit
 import urllib3
 
 from fleet.influx.settings import InfluxSettings, InfluxV1, InfluxV2
+from wire.net import host_port
 
 Failure = Literal["rejected", "too_large", "config", "retry"]
 GZIP_LEVEL = 1  # line protocol compresses ~15x at level 1; higher levels cost 3-5x the CPU
@@ -121,7 +122,7 @@ class Endpoint:
         self.host = parts.hostname or "localhost"
         self.port = parts.port or (443 if self.https else 80)
         self.base = parts.path.rstrip("/")
-        self.where = f"{self.host}:{self.port}"
+        self.where = host_port(self.host, self.port)
         self.timeout_s = timeout_s
         self._context: ssl.SSLContext | None = None
         if self.https:
