@@ -97,8 +97,16 @@ def service_problem(store: Store) -> str | None:
         return "no 'campus-fleet serve' is running on this database"
     if row[1] is None:
         return "the fleet service has no signing key (run 'campus-fleet keys generate')"
-    if row[2] == 0:
-        return "'campus-fleet serve' runs but is not connected to the broker (see its log)"
+    return None
+
+
+def service_warning(store: Store) -> str | None:
+    """A running service that cannot reach the broker now: changes wait for it."""
+    row = store.conn.execute(
+        "SELECT connected FROM service ORDER BY heartbeat_ns DESC LIMIT 1"
+    ).fetchone()
+    if row is not None and row[0] == 0:
+        return "'campus-fleet serve' is not connected to the broker right now (see its log)"
     return None
 
 
@@ -333,8 +341,9 @@ def config_push(
         ]
     new = [s for s in staged if s.version is not None]
     problem = service_problem(store)
-    if problem and new and not as_json:
-        click.echo(f"campus-fleet: warning: {problem}; the push waits for it", err=True)
+    warning = problem or service_warning(store)
+    if warning and new and not as_json:
+        click.echo(f"campus-fleet: warning: {warning}; the push waits for it", err=True)
     finished = True
     if wait and new and not problem:
         wanted = {(s.site, s.gateway, s.version) for s in new}

@@ -127,6 +127,7 @@ class ControlPlane:
         self.listening_since_ns: int | None = None
         self._connects = 0
         self._next_tick = 0.0
+        self._heartbeat_connected: bool | None = None
         self._configs: _InFlight[ConfigKey] = _InFlight()
         self._commands: _InFlight[str] = _InFlight()
         self._unsigned: set[ConfigKey] = set()
@@ -154,6 +155,8 @@ class ControlPlane:
     def step(self, now: float) -> None:
         """One round at event-loop time `now`; never waits."""
         self._watch_link(now)
+        if self.link.connected != self._heartbeat_connected:
+            self._next_tick = now  # the CLI reads the connection from the heartbeat: at once
         if now >= self._next_tick:
             self._next_tick = now + TICK_S
             wall = time.time_ns()
@@ -177,6 +180,7 @@ class ControlPlane:
             self._commands.reconnected(now)
 
     def _heartbeat(self) -> None:
+        self._heartbeat_connected = self.link.connected
         with self.store.transaction():
             self.store.conn.execute(
                 "INSERT INTO service (name, pid, started_ns, heartbeat_ns, signing_key, "
