@@ -32,7 +32,7 @@ from wire.gateway_config import (
 from wire.models import Id
 from wire.mqtt import MqttSettings
 
-__all__ = ["AgentConfig", "DeviceConfig", "FleetSettings", "load_config"]
+__all__ = ["AgentConfig", "DeviceConfig", "FleetSettings", "PolicySettings", "load_config"]
 
 
 class _Section(BaseModel):
@@ -74,6 +74,17 @@ class FleetSettings(_Section):
     applied_path: Path = Path("/var/lib/campus-agent/config.applied.json")
 
 
+class PolicySettings(_Section):
+    """Network policy enforcement with nftables (needs root or CAP_NET_ADMIN). When disabled, a
+    pushed policy is refused with that reason."""
+
+    enabled: bool = False
+    nft_path: str = "nft"
+    table: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")] = "campus_iot"
+    applied_path: Path = Path("/var/lib/campus-agent/policy.applied.json")
+    confirm_timeout_s: Annotated[float, Field(ge=1, le=600)] = 20.0
+
+
 class AgentConfig(_Section):
     site: Id
     gateway: Id
@@ -87,6 +98,7 @@ class AgentConfig(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     fleet: FleetSettings = FleetSettings()
     command_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    policy: PolicySettings = PolicySettings()
     # The managed part: used until the fleet pushes a signed config, which then replaces it.
     devices: list[DeviceConfig] = []
     schedules: list[Schedule] = []

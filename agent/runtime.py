@@ -28,10 +28,14 @@ from agent.control import (
 from agent.coordinator import Coordinator
 from agent.events import EventQueue
 from agent.forwarder import Forwarder
+from agent.policy.applier import POLICY_DEVICE, PolicyControl, confirm_uplink, gateway_context
+from agent.policy.compiler import GatewayContext
 from agent.schedules import Scheduler
 from drivers.base import Driver
 from drivers.profiles import Profile, ProfileLibrary
 from drivers.registry import DriverFactory
+from wire.control import CommandRequest
+from wire.errors import InvalidMessage
 from wire.gateway_config import ManagedConfig, device_kind
 from wire.models import (
     BufferState,
@@ -40,6 +44,7 @@ from wire.models import (
     GatewayState,
     Quality,
     Status,
+    decode,
     encode,
 )
 from wire.mqtt import MqttError, MqttLink, PublishRefused, Will
@@ -115,12 +120,29 @@ class Agent:
             events=self.events,
             topic=self._topics[Channel.CONFIG],
         )
+        self.policy = PolicyControl(
+            site=config.site,
+            gateway=config.gateway,
+            keys=self.control.keys,
+            settings=config.policy,
+            clock=self.clock,
+            events=self.events,
+            topic=self._topics[Channel.POLICY],
+            context=self._policy_context,
+        )
         self.outbox = Outbox(self.link, config.forwarder.ack_timeout_s)
         self.executor = CommandExecutor(
             self.coordinator, self.clock, self.events, config.command_timeout_s
         )
         self.scheduler = Scheduler(
-            self.executor, lambda: self.coordinator.devices, profiles, self.clock, self.events
+            self.executor,
+            lambda: self.coordinator.devices,
+            profiles,
+            self.clock,
+            self.events,
+            memory_path=config.fleet.applied_path.with_name(
+                config.fleet.applied_path.name + ".schedules"
+            ),
         )
         #: The managed part in effect: the agent file's, or the fleet's applied config.
         self.managed = config.local_managed()
@@ -162,6 +184,22 @@ class Agent:
             ),
             devices=devices,
             config_version=self.control.applied_version,
+            policy_version=self.policy.applied_version if self.config.policy.enabled else None,
+            policy=self.policy.state(),
+        )
+
+    async def _policy_context(self) -> GatewayContext:
+        return await gateway_context(self.config.policy, self.config.mqtt)
+
+    async def _confirm_uplink(self, timeout_s: float) -> None:
+        """Commit-confirm of a network policy: the broker is still reachable from here."""
+        state_topic = self._topics[Channel.STATE]
+        await confirm_uplink(
+            self.link,
+            self.config.mqtt.host,
+            self.config.mqtt.port,
+            lambda: (state_topic, encode(self.state())),
+            timeout_s,
         )
 
     def _build(self, device: DeviceConfig) -> tuple[Driver, Profile]:
@@ -237,7 +275,13 @@ class Agent:
             )
         if not self.control.keys:
             log.warning("no fleet.public_keys: every config the fleet pushes will be refused")
-        await self.link.subscribe(self._topics[Channel.CONFIG], self._topics[Channel.CMD], qos=1)
+        await self.policy.startup()  # before connecting: the saved policy was confirmed
+        await self.link.subscribe(
+            self._topics[Channel.CONFIG],
+            self._topics[Channel.POLICY],
+            self._topics[Channel.CMD],
+            qos=1,
+        )
         await self.link.start()
         failed: ApplyError | None = None
         try:
@@ -342,6 +386,7 @@ class Agent:
         """Configs are handled one at a time, in order; each command runs in its own task (the
         bus locks order the ones that share a bus)."""
         config_topic = self._topics[Channel.CONFIG]
+        policy_topic = self._topics[Channel.POLICY]
         command_topic = self._topics[Channel.CMD]
         async for message in self.link.messages():
             if message.topic == config_topic:
@@ -353,12 +398,26 @@ class Agent:
                 if ack is not None:
                     self.outbox.put(self._topics[Channel.ACK], encode(ack), key=ack.kind)
                     self._state_wake.set()
+            elif message.topic == policy_topic:
+                try:
+                    ack = await self.policy.handle(message.payload, self._confirm_uplink)
+                except Exception:  # like configs: a bug must not become a crash loop
+                    log.exception("policy message could not be handled")
+                    continue
+                if ack is not None:
+                    self.outbox.put(self._topics[Channel.ACK], encode(ack), key=ack.kind)
+                    self._state_wake.set()
             elif message.topic == command_topic:
                 group.create_task(self._command(message.payload), name="command")
             else:
                 log.debug("message on %s ignored", message.topic)
 
     async def _command(self, payload: bytes) -> None:
+        request = _policy_request(self._topics[Channel.CMD], payload)
+        if request is not None:
+            answer = await self.policy.command(request)
+            self.outbox.put(self._topics[Channel.CMD_RESULT], encode(answer))
+            return
         result = await self.executor.handle(self._topics[Channel.CMD], payload)
         if result is not None:
             self.outbox.put(self._topics[Channel.CMD_RESULT], encode(result))
@@ -383,6 +442,8 @@ class Agent:
                 connects_seen = self.link.connects
                 availability_seen = availability
                 last = loop.time()
+                if due:
+                    await self.policy.refresh_counters()
                 try:
                     await asyncio.wait_for(
                         self.link.publish(
@@ -415,6 +476,16 @@ class Agent:
                 await asyncio.sleep(1)
                 continue
             self.buffer.delete_event(event_id)
+
+
+def _policy_request(topic: str, payload: bytes) -> CommandRequest | None:
+    """A command for the `policy` pseudo-device; anything else (invalid ones too) goes to the
+    executor."""
+    try:
+        request = decode(CommandRequest, topic, payload)
+    except InvalidMessage:
+        return None
+    return request if request.device == POLICY_DEVICE else None
 
 
 def _describe(error: BaseException) -> str:

@@ -88,6 +88,28 @@ class DeviceState(_Message):
     up: bool | None = None
 
 
+class PolicyCounter(_Message):
+    """The counters of the nftables rules that carry one comment (`flow:<id>`, `drop:<chain>`,
+    `admit:<zone>`…; see `agent.policy.compiler`), summed."""
+
+    rule: Annotated[str, Field(max_length=128)]
+    verdict: Literal["accept", "drop", "jump", "other"]
+    packets: Annotated[int, Field(ge=0)]
+    bytes: Annotated[int, Field(ge=0)]
+
+
+class PolicyState(_Message):
+    """The network policy in force: its version, the SHA-256 of its compiled nftables text, and
+    its rule counters as of `counters_ns`; `error` says why enforcement is not as pushed."""
+
+    version: Annotated[int, Field(ge=0)] = 0
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    table: str | None = None
+    counters: list[PolicyCounter] = Field(default_factory=list)
+    counters_ns: Nanos | None = None
+    error: Annotated[str, Field(max_length=2000)] | None = None
+
+
 class GatewayState(_Message):
     """Retained on `…/state`; the Last Will is the same model with only `status: offline`."""
 
@@ -102,6 +124,7 @@ class GatewayState(_Message):
     devices: list[DeviceState] | None = None
     config_version: Annotated[int, Field(ge=0)] | None = None
     policy_version: Annotated[int, Field(ge=0)] | None = None
+    policy: PolicyState | None = None
 
 
 class EventKind(StrEnum):
@@ -115,6 +138,7 @@ class EventKind(StrEnum):
     CONFIG = "config"  # a pushed config applied or rejected
     SCHEDULE = "schedule"  # a schedule ran (per-device outcomes) or was skipped
     COMMAND = "command"  # a fleet command ran on a device
+    POLICY = "policy"  # a pushed network policy applied, rejected or rolled back; set changes
 
 
 class Event(_Message):
