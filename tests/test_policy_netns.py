@@ -37,7 +37,6 @@ from agent.clock import SystemClock
 from agent.config import PolicySettings
 from agent.events import EventQueue
 from agent.policy.applier import PolicyControl, UplinkLost
-from agent.policy.compiler import GatewayContext, compile_policy
 from agent.policy.nft import Nft, NftError
 from simulator.broker import find_mosquitto, free_port
 from tests import netns
@@ -45,6 +44,7 @@ from tests.netns import Host, Lab, Listeners, connect, connect_all
 from wire.control import Ack, AckStatus, CommandOutcome, CommandRequest, SignedDocument
 from wire.models import GatewayState
 from wire.policy import parse_policy
+from wire.policy_nft import GatewayContext, compile_policy
 from wire.signing import generate_key, load_private_key, public_path, sign
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Network policy enforcement: compile a signed policy to one nftables table, apply it with
 commit-confirm, report its counters. `compile_policy` is pure (the fleet renders with it too)."""
 
-from agent.policy.compiler import (
+from wire.policy_nft import (
     DEFAULT_TABLE,
     GatewayContext,
     address_text,

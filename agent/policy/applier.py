@@ -35,13 +35,6 @@ from agent.control import (
     decode_document,
 )
 from agent.events import EventQueue
-from agent.policy.compiler import (
-    GatewayContext,
-    SetKind,
-    address_text,
-    compile_policy,
-    device_set_name,
-)
 from agent.policy.nft import Nft, NftError, NftUnavailable
 from wire.control import (
     Ack,
@@ -55,6 +48,13 @@ from wire.errors import InvalidMessage
 from wire.models import EventKind, PolicyCounter, PolicyState, decode
 from wire.mqtt import MqttError, MqttLink, MqttSettings
 from wire.policy import Policy, PolicyError, parse_member, parse_policy
+from wire.policy_nft import (
+    GatewayContext,
+    SetKind,
+    address_text,
+    compile_policy,
+    device_set_name,
+)
 
 log = logging.getLogger(__name__)
 
