@@ -8,7 +8,8 @@ always passes. `parse_policy()` is the whole validation: the model checks each p
 `check_policy()` checks what needs the whole document (references, overlaps, reachability) and
 names every problem by its dotted field path (and YAML line when given `line_of`).
 
-The compiler (`wire.policy_nft.compile_policy`, used by the agent and by the fleet to render) turns a valid policy into one nftables table; see
+The compiler (`wire.policy_nft.compile_policy`, the same for the agent that applies and the
+fleet that renders) turns a valid policy into one nftables table; see
 its module for what each field becomes.
 """
 
