@@ -111,6 +111,7 @@ class ControlPlane:
         self.store = store
         self.link = link
         self.versions = Versions(store)
+        self.policy_versions = Versions(store, "policy")
         self.commands = Commands(store)
         self.library = ProfileLibrary.load(config.profiles_dir)
         self.registry = Registry(store, self.library)
@@ -129,16 +130,19 @@ class ControlPlane:
         self._next_tick = 0.0
         self._heartbeat_connected: bool | None = None
         self._configs: _InFlight[ConfigKey] = _InFlight()
+        self._policies: _InFlight[ConfigKey] = _InFlight()
         self._commands: _InFlight[str] = _InFlight()
-        self._unsigned: set[ConfigKey] = set()
+        self._unsigned: set[tuple[str, str, str, int]] = set()
 
     # -- ingest hooks (inside the ingest transaction) --------------------------------------------
 
     def on_ack(self, site: str, gateway: str, ack: Ack) -> None:
-        if ack.kind == "config":
-            self.versions.record_ack(site, gateway, ack)
-            if ack.status.value == "rejected":
-                log.warning("%s/%s rejected config v%d: %s", site, gateway, ack.version, ack.reason)
+        versions = self.versions if ack.kind == "config" else self.policy_versions
+        versions.record_ack(site, gateway, ack)
+        if ack.status.value == "rejected":
+            log.warning(
+                "%s/%s rejected %s v%d: %s", site, gateway, ack.kind, ack.version, ack.reason
+            )
 
     def on_result(self, site: str, gateway: str, result: CommandResult) -> None:
         if not self.commands.record_result(site, gateway, result):
@@ -177,6 +181,7 @@ class ControlPlane:
             self._connects = self.link.connects
             self.listening_since_ns = time.time_ns()
             self._configs.reconnected(now)
+            self._policies.reconnected(now)
             self._commands.reconnected(now)
 
     def _heartbeat(self) -> None:
@@ -202,16 +207,18 @@ class ControlPlane:
 
     def _collect(self, now: float) -> None:
         connected = self.link.connected
-        sent, failed = self._configs.finished(now, connected)
-        for (site, gateway, version), why in failed:
-            log.warning("config %s/%s v%d not published yet: %s", site, gateway, version, why)
-        if sent or failed:
-            with self.store.transaction():
-                for (site, gateway, version), why in failed:
-                    self.versions.mark_unsendable(site, gateway, version, f"not published: {why}")
-                self.versions.mark_sent([(*key, document) for key, document in sent])
-            if sent:
-                log.info("published %d config versions", len(sent))
+        for versions, in_flight in self._documents():
+            sent, failed = in_flight.finished(now, connected)
+            kind = versions.kind
+            for (site, gateway, version), why in failed:
+                log.warning("%s %s/%s v%d not published yet: %s", kind, site, gateway, version, why)
+            if sent or failed:
+                with self.store.transaction():
+                    for (site, gateway, version), why in failed:
+                        versions.mark_unsendable(site, gateway, version, f"not published: {why}")
+                    versions.mark_sent([(*key, document) for key, document in sent])
+                if sent:
+                    log.info("published %d %s versions", len(sent), kind)
         done, failed_commands = self._commands.finished(now, connected)
         for command_id, why in failed_commands:
             log.warning("command %s not sent yet: %s", command_id, why)
@@ -219,29 +226,40 @@ class ControlPlane:
             with self.store.transaction():
                 self.commands.mark_sent([command_id for command_id, _payload in done])
 
+    def _documents(self) -> list[tuple[Versions, _InFlight[ConfigKey]]]:
+        return [(self.versions, self._configs), (self.policy_versions, self._policies)]
+
     def _publish_configs(self, now: float) -> None:
+        for versions, in_flight in self._documents():
+            self._publish(versions, in_flight, now)
+
+    def _publish(self, versions: Versions, in_flight: _InFlight[ConfigKey], now: float) -> None:
+        kind = versions.kind
+        channel = Channel.CONFIG if kind == "config" else Channel.POLICY
         newest: dict[tuple[str, str], dict[str, Any]] = {}
-        for row in self.versions.pending():
+        for row in versions.pending():
             place = (row["site"], row["gateway"])
             if place not in newest or row["version"] > newest[place]["version"]:
                 newest[place] = row  # an older pending one is superseded once this one is sent
         if self.key is None:
-            unsigned = {(s, g, row["version"]) for (s, g), row in newest.items()} - self._unsigned
+            unsigned = {
+                (kind, s, g, row["version"]) for (s, g), row in newest.items()
+            } - self._unsigned
             if unsigned:
                 with self.store.transaction():
-                    for site, gateway, version in unsigned:
-                        self.versions.mark_unsendable(
+                    for _kind, site, gateway, version in unsigned:
+                        versions.mark_unsendable(
                             site, gateway, version, f"not signed: {self.key_problem}"
                         )
                 self._unsigned |= unsigned
             return
         for (site, gateway), row in newest.items():
             key = (site, gateway, int(row["version"]))
-            if self._configs.busy(key, now):
+            if in_flight.busy(key, now):
                 continue
             document = sign(
                 self.key,
-                kind="config",
+                kind=kind,
                 site=site,
                 gateway=gateway,
                 version=key[2],
@@ -249,10 +267,8 @@ class ControlPlane:
                 body=json.loads(row["body"]),
             )
             payload = encode(document)
-            future = self.link.publish(
-                topic(site, gateway, Channel.CONFIG), payload, qos=1, retain=True
-            )
-            self._configs.add(key, future, payload.decode(), now)
+            future = self.link.publish(topic(site, gateway, channel), payload, qos=1, retain=True)
+            in_flight.add(key, future, payload.decode(), now)
 
     def _send_commands(self, now: float) -> None:
         for site, gateway, request in self.commands.pending():

@@ -55,6 +55,8 @@ TABLES: dict[str, TableSpec] = {
             "offline_since_ns": int,
             "last_eviction_ns": int,
             "config_version": int,  # the config version the gateway last reported running
+            "policy_version": int,  # and its policy: version, and state (JSON: sha256, counters)
+            "policy_state": str,
         },
         pk=("site", "gateway"),
         defaults={"received": 0, "duplicates": 0, "last_seq": 0, "evicted": 0, "lost": 0},
@@ -188,6 +190,40 @@ TABLES: dict[str, TableSpec] = {
     ),
     # What each gateway last acknowledged (and what it runs).
     "config_status": TableSpec(
+        {
+            "site": str,
+            "gateway": str,
+            "applied_version": int,
+            "applied_sha256": str,
+            "last_version": int,
+            "last_status": str,
+            "last_reason": str,
+            "last_ack_ns": int,
+        },
+        pk=("site", "gateway"),
+    ),
+    # The same for signed network policies (fleet/versions.py with kind 'policy').
+    "policy_versions": TableSpec(
+        {
+            "site": str,
+            "gateway": str,
+            "version": int,
+            "sha256": str,
+            "body": str,
+            "document": str,
+            "origin": str,
+            "actor": str,
+            "state": str,
+            "reason": str,
+            "created_ns": int,
+            "sent_ns": int,
+            "acked_ns": int,
+        },
+        pk=("site", "gateway", "version"),
+        indexes=(("state",),),
+    ),
+    # What each gateway last acknowledged (and what it runs).
+    "policy_status": TableSpec(
         {
             "site": str,
             "gateway": str,
@@ -452,6 +488,10 @@ class Store:
             fields["keepalive_s"] = state.keepalive_s
         if state.config_version is not None:
             fields["config_version"] = state.config_version
+        if state.policy_version is not None:
+            fields["policy_version"] = state.policy_version
+        if state.policy is not None:
+            fields["policy_state"] = state.policy.model_dump_json()
         if state.buffer is not None:
             fields["buffer_depth"] = state.buffer.depth
             fields["evicted"] = state.buffer.evicted

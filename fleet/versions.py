@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fleet.store import Store
 from wire.control import Ack, AckStatus
@@ -43,13 +43,19 @@ def carries(latest: dict[str, Any] | None, sha256: str) -> bool:
 
 
 class Versions:
-    def __init__(self, store: Store) -> None:
+    """Versions of one kind of signed document: `config` (tables config_versions and
+    config_status) or `policy` (policy_versions, policy_status)."""
+
+    def __init__(self, store: Store, kind: Literal["config", "policy"] = "config") -> None:
         self.store = store
         self.conn = store.conn
+        self.kind = kind
+        self.table = f"{kind}_versions"
+        self.status_table = f"{kind}_status"
 
     def latest(self, site: str, gateway: str) -> dict[str, Any] | None:
         rows = self.store._rows(
-            "SELECT * FROM config_versions WHERE site = ? AND gateway = ? "
+            f"SELECT * FROM {self.table} WHERE site = ? AND gateway = ? "
             "ORDER BY version DESC LIMIT 1",
             (site, gateway),
         )
@@ -57,7 +63,7 @@ class Versions:
 
     def get(self, site: str, gateway: str, version: int) -> dict[str, Any] | None:
         rows = self.store._rows(
-            "SELECT * FROM config_versions WHERE site = ? AND gateway = ? AND version = ?",
+            f"SELECT * FROM {self.table} WHERE site = ? AND gateway = ? AND version = ?",
             (site, gateway, version),
         )
         return rows[0] if rows else None
@@ -84,7 +90,7 @@ class Versions:
             return Staged(site, gateway, None, sha)
         version = max(latest["version"] if latest else 0, self._reported(site, gateway)) + 1
         self.conn.execute(
-            "INSERT INTO config_versions (site, gateway, version, sha256, body, origin, actor, "
+            f"INSERT INTO {self.table} (site, gateway, version, sha256, body, origin, actor, "
             "state, created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 site,
@@ -105,13 +111,14 @@ class Versions:
         reset or restored from an older backup, new versions still start above it, or the
         gateway would refuse them as replays."""
         row = self.conn.execute(
-            "SELECT config_version FROM gateways WHERE site = ? AND gateway = ?", (site, gateway)
+            f"SELECT {self.kind}_version FROM gateways WHERE site = ? AND gateway = ?",
+            (site, gateway),
         ).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
     def pending(self, limit: int = 5000) -> list[dict[str, Any]]:
         return self.store._rows(
-            "SELECT site, gateway, version, body FROM config_versions WHERE state = ? "
+            f"SELECT site, gateway, version, body FROM {self.table} WHERE state = ? "
             "ORDER BY created_ns, site, gateway LIMIT ?",
             (PENDING, limit),
         )
@@ -123,14 +130,14 @@ class Versions:
         # The gateway may have answered before the PUBACK came: its answer stays, and the
         # document is kept all the same. A reason noted while it waited is over.
         self.conn.executemany(
-            "UPDATE config_versions SET document = ?, sent_ns = ?, "
+            f"UPDATE {self.table} SET document = ?, sent_ns = ?, "
             "reason = CASE WHEN state = ? THEN NULL ELSE reason END, "
             "state = CASE WHEN state = ? THEN ? ELSE state END "
             "WHERE site = ? AND gateway = ? AND version = ?",
             [(document, now, PENDING, PENDING, SENT, s, g, v) for s, g, v, document in rows],
         )
         self.conn.executemany(
-            "UPDATE config_versions SET state = ? WHERE site = ? AND gateway = ? "
+            f"UPDATE {self.table} SET state = ? WHERE site = ? AND gateway = ? "
             "AND version < ? AND state IN (?, ?)",
             [(SUPERSEDED, s, g, v, PENDING, SENT) for s, g, v, _ in rows],
         )
@@ -138,7 +145,7 @@ class Versions:
     def mark_unsendable(self, site: str, gateway: str, version: int, reason: str) -> None:
         """Why a pending version has not gone out yet (shown by `config status`)."""
         self.conn.execute(
-            "UPDATE config_versions SET reason = ? "
+            f"UPDATE {self.table} SET reason = ? "
             "WHERE site = ? AND gateway = ? AND version = ? AND state = ?",
             (reason, site, gateway, version, PENDING),
         )
@@ -149,7 +156,7 @@ class Versions:
         gateway that runs a newer one does not rewrite that version's history."""
         state = APPLIED if ack.status is AckStatus.APPLIED else REJECTED
         self.conn.execute(
-            "UPDATE config_versions SET state = ?, reason = ?, acked_ns = ? "
+            f"UPDATE {self.table} SET state = ?, reason = ?, acked_ns = ? "
             "WHERE site = ? AND gateway = ? AND version = ? AND sha256 = ? "
             "AND NOT (? = ? AND state = ? AND ? > version)",
             (
@@ -168,13 +175,13 @@ class Versions:
         )
         applied_sha = ack.sha256 if state == APPLIED else None
         self.conn.execute(
-            "INSERT INTO config_status (site, gateway, applied_version, applied_sha256, "
+            f"INSERT INTO {self.status_table} (site, gateway, applied_version, applied_sha256, "
             "last_version, last_status, last_reason, last_ack_ns) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, gateway) DO UPDATE SET "
             "applied_version = excluded.applied_version, "
             "applied_sha256 = coalesce(excluded.applied_sha256, "
-            "  CASE WHEN excluded.applied_version = config_status.applied_version "
-            "  THEN config_status.applied_sha256 END), "
+            f"  CASE WHEN excluded.applied_version = {self.status_table}.applied_version "
+            f"  THEN {self.status_table}.applied_sha256 END), "
             "last_version = excluded.last_version, last_status = excluded.last_status, "
             "last_reason = excluded.last_reason, last_ack_ns = excluded.last_ack_ns",
             (
@@ -191,7 +198,7 @@ class Versions:
 
     def applied_version(self, site: str, gateway: str) -> int:
         row = self.conn.execute(
-            "SELECT applied_version FROM config_status WHERE site = ? AND gateway = ?",
+            f"SELECT applied_version FROM {self.status_table} WHERE site = ? AND gateway = ?",
             (site, gateway),
         ).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
@@ -204,10 +211,10 @@ class Versions:
             "s.applied_version, s.last_version, s.last_status, s.last_reason, s.last_ack_ns, "
             "o.status AS gateway_status "
             "FROM registry_gateways g "
-            "LEFT JOIN config_versions v ON v.site = g.site AND v.gateway = g.gateway "
-            "  AND v.version = (SELECT max(version) FROM config_versions x "
+            f"LEFT JOIN {self.table} v ON v.site = g.site AND v.gateway = g.gateway "
+            f"  AND v.version = (SELECT max(version) FROM {self.table} x "
             "                   WHERE x.site = g.site AND x.gateway = g.gateway) "
-            "LEFT JOIN config_status s ON s.site = g.site AND s.gateway = g.gateway "
+            f"LEFT JOIN {self.status_table} s ON s.site = g.site AND s.gateway = g.gateway "
             "LEFT JOIN gateways o ON o.site = g.site AND o.gateway = g.gateway "
             "ORDER BY g.site, g.gateway"
         )
