@@ -462,12 +462,14 @@ from fleet import (  # noqa: E402
     cli_bridge,
     cli_control,
     cli_influx,
+    cli_policy,
     cli_registry,
     cli_report,
 )
 
 cli_registry.register(main, gateways, devices)
 cli_control.register(main)
+cli_policy.register(main)
 cli_alerts.register(main)
 cli_influx.register(main)
 cli_bridge.register(main)

@@ -1,0 +1,412 @@
+"""campus-fleet policy: the network policy of gateways, from the registry tree to nftables.
+
+A policy is set in parts on the tree (`policy:` in the settings of a site, building, room or
+gateway, see `campus-fleet settings set`), merged for each gateway, checked, signed and pushed
+like a config; the gateway compiles it to its own nftables table, confirms it can still reach
+the broker, and reports the version, the hash of the compiled text and the rule counters.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+import time
+from typing import Any
+
+import click
+import yaml
+from rich.table import Table
+
+from fleet.audit import audited
+from fleet.cli_control import (
+    _one_gateway,
+    registry_of,
+    resolve_gateways,
+    service_problem,
+    service_warning,
+    wait_until,
+)
+from fleet.clikit import (
+    EXIT_NOT_FOUND,
+    EXIT_PARTIAL,
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+    Context,
+    config_option,
+    console,
+    emit_json,
+    fail,
+    json_option,
+    pass_context,
+)
+from fleet.desired_policy import DesiredPolicyError, build_policy, render
+from fleet.registry import Registry
+from fleet.timefmt import ago, iso
+from fleet.versions import APPLIED, PENDING, REJECTED, SENT, Versions
+from wire.policy import parse_policy
+
+
+def register(main: click.Group) -> None:
+    main.add_command(policy)
+
+
+@click.group()
+def policy() -> None:
+    """Network policies: who may talk to whom, enforced by each gateway with nftables.
+
+    Parts of the policy are set in the settings of the tree (`policy:` with zones, flows, …;
+    see 'campus-fleet settings set'): zones and flows merge by id from the site down to the
+    gateway. `push` signs each gateway's policy and publishes it; the gateway checks it with
+    `nft -c`, applies it in one transaction, confirms it can still reach the broker (or
+    restores the previous rules), and reports the counters of every rule.
+
+    \b
+    Examples:
+      campus-fleet policy show gateway:school-42/gw-001
+      campus-fleet policy render gateway:school-42/gw-001
+      campus-fleet policy diff site:school-42
+      campus-fleet policy push site:school-42
+      campus-fleet policy status --json
+    """
+
+
+def _desired(registry: Registry, site: str, gateway: str) -> dict[str, Any]:
+    try:
+        built = build_policy(registry, site, gateway)
+    except DesiredPolicyError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if built is None:
+        fail(
+            f"no policy is set for {site}/{gateway} (set 'policy:' in the settings of its site, "
+            "building, room or gateway)",
+            EXIT_NOT_FOUND,
+        )
+    return built[0]
+
+
+@policy.command("show")
+@config_option
+@click.argument("gateway")
+@click.option("--applied", is_flag=True, help="The policy the gateway last applied.")
+@json_option
+@pass_context
+def policy_show(ctx: Context, gateway: str, applied: bool, as_json: bool) -> None:
+    """The policy of GATEWAY (gateway:SITE/GW, SITE/GW or a gateway id): desired by default."""
+    store = ctx.writable_store()
+    registry = registry_of(ctx, store)
+    site, gw = _one_gateway(registry, gateway)
+    if applied:
+        versions = Versions(store, "policy")
+        version = versions.applied_version(site, gw)
+        body = versions.body(site, gw, version) if version else None
+        if body is None:
+            fail(f"{site}/{gw} has applied no policy yet", EXIT_NOT_FOUND)
+        which = f"version {version}"
+    else:
+        body, which = _desired(registry, site, gw), "desired"
+    if as_json:
+        emit_json({"site": site, "gateway": gw, "which": which, "policy": body})
+        return
+    click.echo(f"# {site}/{gw}: policy, {which}")
+    click.echo(yaml.safe_dump(body, sort_keys=False, allow_unicode=True), nl=False)
+
+
+@policy.command("render")
+@config_option
+@click.argument("gateway")
+@click.option("--applied", is_flag=True, help="Render the policy the gateway last applied.")
+@pass_context
+def policy_render(ctx: Context, gateway: str, applied: bool) -> None:
+    """The nftables table GATEWAY's policy compiles to, as the gateway will load it.
+
+    Deterministic: the same policy gives the same text (its SHA-256 is the hash the gateway
+    reports). The broker's addresses come from agent_broker (else mqtt) of fleet.yaml; a
+    gateway resolving the broker's name differently gets other addresses in its
+    `restrict_output` rule.
+    """
+    store = ctx.writable_store()
+    registry = registry_of(ctx, store)
+    site, gw = _one_gateway(registry, gateway)
+    if applied:
+        versions = Versions(store, "policy")
+        version = versions.applied_version(site, gw)
+        body = versions.body(site, gw, version) if version else None
+        if body is None:
+            fail(f"{site}/{gw} has applied no policy yet", EXIT_NOT_FOUND)
+    else:
+        body = _desired(registry, site, gw)
+    click.echo(render(parse_policy(body), ctx.config), nl=False)
+
+
+@policy.command("diff")
+@config_option
+@click.argument("targets", nargs=-1, required=True)
+@json_option
+@pass_context
+def policy_diff(ctx: Context, targets: tuple[str, ...], as_json: bool) -> None:
+    """What a push would change in the nftables of every gateway of TARGETS: a diff of the
+    rendered tables, applied against desired.
+
+    TARGETS: site:SITE, building:SITE/BUILDING, room:SITE/ROOM, gateway:SITE/GATEWAY, or all.
+    """
+    store = ctx.writable_store()
+    registry = registry_of(ctx, store)
+    versions = Versions(store, "policy")
+    result = []
+    for site, gw in resolve_gateways(registry, targets):
+        try:
+            built = build_policy(registry, site, gw)
+        except DesiredPolicyError as exc:
+            fail(str(exc), EXIT_USAGE)
+        desired = render(built[1], ctx.config) if built else ""
+        applied_version = versions.applied_version(site, gw)
+        applied_body = versions.body(site, gw, applied_version) if applied_version else None
+        applied = render(parse_policy(applied_body), ctx.config) if applied_body else ""
+        lines = list(
+            difflib.unified_diff(
+                applied.splitlines(keepends=True),
+                desired.splitlines(keepends=True),
+                fromfile=f"{site}/{gw} applied v{applied_version}"
+                if applied_version
+                else f"{site}/{gw} (no policy applied)",
+                tofile=f"{site}/{gw} desired" if built else f"{site}/{gw} (no policy set)",
+            )
+        )
+        result.append(
+            {
+                "site": site,
+                "gateway": gw,
+                "applied_version": applied_version,
+                "changed": bool(lines),
+                "diff": "".join(lines),
+            }
+        )
+    if as_json:
+        emit_json(result)
+        return
+    for entry in result:
+        if entry["changed"]:
+            click.echo(entry["diff"], nl=False)
+        else:
+            click.echo(f"{entry['site']}/{entry['gateway']}: no change")
+
+
+@policy.command("push")
+@config_option
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--dry-run", is_flag=True, help="Build and check, show what would change.")
+@click.option("--force", is_flag=True, help="A new version even when nothing changed.")
+@click.option(
+    "--wait/--no-wait", default=True, show_default=True, help="Follow the acknowledgements."
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(0.1, 86_400),
+    default=90.0,
+    show_default=True,
+    help="Seconds to wait for every acknowledgement (a gateway confirms its uplink first).",
+)
+@json_option
+@pass_context
+def policy_push(
+    ctx: Context,
+    targets: tuple[str, ...],
+    dry_run: bool,
+    force: bool,
+    wait: bool,
+    timeout_s: float,
+    as_json: bool,
+) -> None:
+    """Push the network policy to every gateway of TARGETS.
+
+    Every policy is built and checked first; if one is invalid nothing is pushed (exit 2).
+    A gateway answers applied, or rejected with the reason: refused by `nft -c`, enforcement
+    disabled on the gateway, or rolled back because it lost its uplink to the broker. Exit 0
+    when every gateway applied it, 4 when some did not (see 'policy status'), 1 when the
+    service is not running or has no signing key, 3 when a gateway has no policy set.
+
+    TARGETS: site:SITE, building:SITE/BUILDING, room:SITE/ROOM, gateway:SITE/GATEWAY, or all.
+    """
+    store = ctx.writable_store()
+    registry = registry_of(ctx, store)
+    versions = Versions(store, "policy")
+    gateways = resolve_gateways(registry, targets)
+    bodies: dict[tuple[str, str], dict[str, Any]] = {}
+    invalid: list[str] = []
+    missing: list[str] = []
+    for site, gw in gateways:
+        try:
+            built = build_policy(registry, site, gw)
+        except DesiredPolicyError as exc:
+            invalid.append(str(exc))
+            continue
+        if built is None:
+            missing.append(f"{site}/{gw}")
+        else:
+            bodies[(site, gw)] = built[0]
+    if invalid:
+        for line in invalid:
+            click.echo(f"campus-fleet: {line}", err=True)
+        fail(f"nothing pushed: {len(invalid)} of {len(gateways)} policies are invalid", EXIT_USAGE)
+    if missing:
+        fail(f"nothing pushed: no policy is set for {', '.join(missing)}", EXIT_NOT_FOUND)
+    if dry_run:
+        from fleet.versions import carries
+        from wire.signing import body_hash
+
+        plan = [
+            {
+                "site": site,
+                "gateway": gw,
+                "changed": force or not carries(versions.latest(site, gw), body_hash(body)),
+            }
+            for (site, gw), body in bodies.items()
+        ]
+        if as_json:
+            emit_json({"dry_run": True, "gateways": plan})
+        else:
+            for entry in plan:
+                state = "would push" if entry["changed"] else "unchanged"
+                click.echo(f"{entry['site']}/{entry['gateway']}: {state}")
+        return
+    details = {"targets": list(targets), "gateways": len(gateways), "force": force}
+    with (
+        audited(store, ctx.actor, "policy.push", " ".join(targets), details),
+        store.transaction(),
+    ):
+        staged = [
+            versions.stage(site, gw, body, origin="push", actor=ctx.actor, force=force)
+            for (site, gw), body in bodies.items()
+        ]
+    new = [s for s in staged if s.version is not None]
+    problem = service_problem(store)
+    warning = problem or service_warning(store)
+    if warning and new and not as_json:
+        click.echo(f"campus-fleet: warning: {warning}; the push waits for it", err=True)
+    finished = True
+    if wait and new and not problem:
+        wanted = {(s.site, s.gateway, s.version) for s in new}
+
+        def answered() -> tuple[int, int]:
+            rows = store.conn.execute(
+                "SELECT site, gateway, version FROM policy_versions WHERE state IN (?, ?)",
+                (APPLIED, REJECTED),
+            ).fetchall()
+            return len(wanted & {tuple(r) for r in rows}), len(wanted)
+
+        finished = wait_until(answered, timeout_s, "acknowledged", as_json)
+    rows: list[dict[str, Any]] = []
+    for s in staged:
+        row = (
+            versions.latest(s.site, s.gateway)
+            if s.version is None
+            else versions.get(s.site, s.gateway, s.version)
+        )
+        rows.append(
+            {
+                "site": s.site,
+                "gateway": s.gateway,
+                "version": row["version"] if row else None,
+                "new": s.version is not None,
+                "state": row["state"] if row else None,
+                "reason": row["reason"] if row else None,
+            }
+        )
+    if as_json:
+        emit_json({"service": problem or "running", "gateways": rows})
+    else:
+        table = Table(title="Policy push")
+        table.add_column("gateway", no_wrap=True)
+        for column in ("version", "state", "reason"):
+            table.add_column(column)
+        styles = {APPLIED: "green", REJECTED: "red", SENT: "yellow", PENDING: "yellow"}
+        for r in rows:
+            state = r["state"] if r["new"] else f"unchanged ({r['state']})"
+            table.add_row(
+                f"{r['site']}/{r['gateway']}",
+                f"v{r['version']}" if r["version"] else "-",
+                f"[{styles.get(r['state'], 'white')}]{state}[/]",
+                r["reason"] or "",
+            )
+        console.print(table)
+    if problem and new:
+        sys.exit(EXIT_RUNTIME)
+    if wait and (not finished or any(r["new"] and r["state"] != APPLIED for r in rows)):
+        sys.exit(EXIT_PARTIAL)
+
+
+@policy.command("status")
+@config_option
+@click.argument("targets", nargs=-1)
+@json_option
+@pass_context
+def policy_status(ctx: Context, targets: tuple[str, ...], as_json: bool) -> None:
+    """Desired vs applied policy per gateway, the hash of what runs, why a version was
+    rejected, and the rule counters the gateway last reported (drops per chain and flow).
+
+    Without TARGETS every registered gateway. Exit 0 when all are in sync, 4 when not.
+    """
+    store = ctx.writable_store()
+    registry = registry_of(ctx, store)
+    gateways = resolve_gateways(registry, targets) if targets else None
+    rows = Versions(store, "policy").status(gateways)
+    reported = {
+        (r[0], r[1]): json.loads(r[2]) if r[2] else None
+        for r in store.conn.execute("SELECT site, gateway, policy_state FROM gateways")
+    }
+    data = []
+    for r in rows:
+        state = reported.get((r["site"], r["gateway"])) or {}
+        counters = state.get("counters", [])
+        data.append(
+            {
+                "site": r["site"],
+                "gateway": r["gateway"],
+                "desired_version": r["desired_version"],
+                "desired_state": r["desired_state"],
+                "applied_version": r["applied_version"] or 0,
+                "in_sync": r["in_sync"],
+                "last_ack": r["last_status"],
+                "reason": r["last_reason"] if r["last_status"] == REJECTED else r["desired_reason"],
+                "last_ack_time": iso(r["last_ack_ns"]),
+                "running_sha256": state.get("sha256"),
+                "enforcement_error": state.get("error"),
+                "dropped_packets": sum(
+                    c["packets"] for c in counters if c.get("verdict") == "drop"
+                ),
+                "counters": counters,
+                "counters_time": iso(state.get("counters_ns")),
+                "gateway_status": r["gateway_status"] or "unknown",
+            }
+        )
+    if as_json:
+        emit_json(data)
+    else:
+        now = time.time_ns()
+        table = Table(title=f"Network policy per gateway ({len(data)})")
+        table.add_column("gateway", no_wrap=True)
+        for column in ("desired", "applied", "in sync", "dropped", "last answer", "reason"):
+            table.add_column(column)
+        for d, r in zip(data, rows, strict=True):
+            desired = (
+                f"v{d['desired_version']} {d['desired_state']}" if d["desired_version"] else "-"
+            )
+            answer = (
+                f"{r['last_status']} v{r['last_version']} {ago(r['last_ack_ns'], now)}"
+                if r["last_status"]
+                else "never"
+            )
+            table.add_row(
+                f"{d['site']}/{d['gateway']}",
+                desired,
+                f"v{d['applied_version']}" if d["applied_version"] else "-",
+                "[green]yes[/]" if d["in_sync"] else "[red]no[/]",
+                str(d["dropped_packets"]),
+                answer,
+                d["reason"] or d["enforcement_error"] or "",
+            )
+        console.print(table)
+    if any(not d["in_sync"] for d in data):
+        sys.exit(EXIT_PARTIAL)
