@@ -181,7 +181,29 @@ class Demo:
         self.spawn("fleet", [*command("campus-fleet"), "--config", str(w / "fleet.yaml"), "serve"])
         self.wait_for_log("fleet", "subscribed to", timeout=20)
         self.spawn("agent", [*command("campus-agent"), "run", "--config", str(w / "agent.yaml")])
+        self.wait_for_heartbeat(timeout=20)
         self.fleet_cli("config", "push", "all", "--no-wait")
+
+    def wait_for_heartbeat(self, timeout: float) -> None:
+        """`config push` needs the service's heartbeat in the database, connected."""
+        import sqlite3
+
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            try:
+                conn = sqlite3.connect(f"file:{self.workdir / 'fleet.db'}?mode=ro", uri=True)
+                try:
+                    row = conn.execute("SELECT max(connected) FROM service").fetchone()
+                finally:
+                    conn.close()
+            except sqlite3.Error:
+                row = None
+            if row and row[0]:
+                return
+            if time.monotonic() > deadline:
+                raise DemoError(f"the fleet service did not start within {timeout}s")
+            time.sleep(0.05)
 
     def wait_for_log(self, name: str, text: str, timeout: float) -> None:
         """The fleet must be subscribed before the agent sends, or first readings go nowhere."""
