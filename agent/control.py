@@ -388,9 +388,10 @@ class _Outgoing:
 
 
 class Outbox:
-    """Control-plane answers kept until the broker's PUBACK: the latest one per key (a newer ack
-    of a kind replaces an unsent older one), the others in order, at most `limit` of them (the
-    oldest is dropped, logged)."""
+    """Control-plane answers kept until the broker's PUBACK: the latest one per key (acks are
+    keyed by kind and version: a redelivered document's answer replaces its unsent older one,
+    while an applied ack is never hidden by a later rejection of another version), the others
+    in order, at most `limit` of them (the oldest is dropped, logged)."""
 
     def __init__(self, link: MqttLink, ack_timeout_s: float, limit: int = OUTBOX_LIMIT) -> None:
         self.link = link

@@ -29,7 +29,6 @@ from agent.coordinator import Coordinator
 from agent.events import EventQueue
 from agent.forwarder import Forwarder
 from agent.policy.applier import POLICY_DEVICE, PolicyControl, confirm_uplink, gateway_context
-from agent.policy.compiler import GatewayContext
 from agent.schedules import Scheduler
 from drivers.base import Driver
 from drivers.profiles import Profile, ProfileLibrary
@@ -48,6 +47,7 @@ from wire.models import (
     encode,
 )
 from wire.mqtt import MqttError, MqttLink, PublishRefused, Will
+from wire.policy_nft import GatewayContext
 from wire.topics import Channel, topic
 
 log = logging.getLogger(__name__)
@@ -396,7 +396,9 @@ class Agent:
                     log.exception("config message could not be handled")
                     continue
                 if ack is not None:
-                    self.outbox.put(self._topics[Channel.ACK], encode(ack), key=ack.kind)
+                    self.outbox.put(
+                        self._topics[Channel.ACK], encode(ack), key=f"{ack.kind}:{ack.version}"
+                    )
                     self._state_wake.set()
             elif message.topic == policy_topic:
                 try:
@@ -405,7 +407,9 @@ class Agent:
                     log.exception("policy message could not be handled")
                     continue
                 if ack is not None:
-                    self.outbox.put(self._topics[Channel.ACK], encode(ack), key=ack.kind)
+                    self.outbox.put(
+                        self._topics[Channel.ACK], encode(ack), key=f"{ack.kind}:{ack.version}"
+                    )
                     self._state_wake.set()
             elif message.topic == command_topic:
                 group.create_task(self._command(message.payload), name="command")
