@@ -41,7 +41,8 @@ from fleet.clikit import (
     pass_context,
 )
 from fleet.desired_policy import DesiredPolicyError, build_policy, render
-from fleet.registry import Registry
+from fleet.registry import Registry, Target
+from fleet.settings import NodeSettings
 from fleet.timefmt import ago, iso
 from fleet.versions import APPLIED, PENDING, REJECTED, SENT, Versions
 from wire.policy import parse_policy
@@ -410,3 +411,169 @@ def policy_status(ctx: Context, targets: tuple[str, ...], as_json: bool) -> None
         console.print(table)
     if any(not d["in_sync"] for d in data):
         sys.exit(EXIT_PARTIAL)
+
+
+# -- set members, changed without a reload --------------------------------------------------------
+
+
+def _member_kind(value: str) -> str:
+    """Which list of a device set a member goes in: macs, ipv6 or ipv4."""
+    import ipaddress
+    import re
+
+    if re.fullmatch(r"(?i)[0-9a-f]{2}(:[0-9a-f]{2}){5}", value):
+        return "macs"
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        fail(f"{value!r} is not a MAC, an IPv6 or an IPv4 address or prefix", EXIT_USAGE)
+    return "ipv6" if network.version == 6 else "ipv4"
+
+
+def _with_member(
+    part: dict[str, Any], zone: str, set_id: str, kind: str, value: str, add: bool
+) -> dict[str, Any] | None:
+    """The policy part with the member added or removed, or None when the part does not
+    define that set."""
+    changed: dict[str, Any] = json.loads(json.dumps(part))
+    for zone_entry in changed.get("zones", []):
+        if zone_entry.get("id") != zone:
+            continue
+        for set_entry in zone_entry.get("sets", []):
+            if set_entry.get("id") != set_id:
+                continue
+            members = [m for m in set_entry.get(kind, []) if str(m).lower() != value.lower()]
+            if add:
+                members.append(value)
+            set_entry[kind] = members
+            return changed
+    return None
+
+
+def _defining_node(
+    lineage: list[tuple[Target, NodeSettings]],
+    zone: str,
+    set_id: str,
+    kind: str,
+    value: str,
+    add: bool,
+) -> tuple[Target, NodeSettings, dict[str, Any]] | None:
+    """The lowest node of the chain whose policy part defines the set, with that part changed."""
+    for node, settings in reversed(lineage):
+        if settings.policy is not None:
+            changed = _with_member(settings.policy, zone, set_id, kind, value, add)
+            if changed is not None:
+                return node, settings, changed
+    return None
+
+
+@policy.command("member")
+@config_option
+@click.argument("action", type=click.Choice(["add", "remove"]))
+@click.argument("gateway")
+@click.argument("set_ref", metavar="ZONE.SET")
+@click.argument("value")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(0.5, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the gateway's answer.",
+)
+@json_option
+@pass_context
+def policy_member(
+    ctx: Context,
+    action: str,
+    gateway: str,
+    set_ref: str,
+    value: str,
+    timeout_s: float,
+    as_json: bool,
+) -> None:
+    """Add or remove a member (a MAC, or an IPv6/IPv4 address) of a device set, at once and
+    without reloading the gateway's rules, e.g. a camera that was just installed.
+
+    The member is also written into the policy of the tree, on the node that defines the set
+    (so the next 'policy push' keeps it), then sent to GATEWAY's `policy` device, which adds it
+    to its live nftables set. Exit 0 when the gateway did it, 1 when it did not.
+
+    \b
+    Example:
+      campus-fleet policy member add gateway:school-42/gw-b cameras.known 00:1a:07:3c:11:04
+    """
+    from fleet.commands import FINAL, Commands
+    from fleet.commands import Target as CommandTarget
+    from fleet.registry import parse_target
+
+    zone, dot, set_id = set_ref.partition(".")
+    if not dot or not zone or not set_id:
+        fail(f"{set_ref!r} is not ZONE.SET (e.g. cameras.known)", EXIT_USAGE)
+    kind = _member_kind(value)
+    store = ctx.writable_store()
+    registry = registry_of(ctx, store)
+    site, gw = _one_gateway(registry, gateway)
+    problem = service_problem(store)
+    if problem:
+        fail(f"{problem}: the member cannot be sent", EXIT_RUNTIME)
+    found = _defining_node(
+        registry.lineage(parse_target(f"gateway:{site}/{gw}")),
+        zone,
+        set_id,
+        kind,
+        value,
+        action == "add",
+    )
+    if found is None:
+        fail(f"no level of {site}/{gw}'s tree defines the set {set_ref}", EXIT_NOT_FOUND)
+    node, settings, changed = found
+    details = {"gateway": f"{site}/{gw}", "set": set_ref, "value": value, "node": str(node)}
+    with audited(store, ctx.actor, f"policy.member.{action}", str(node), details):
+        updated = NodeSettings.model_validate(
+            {**settings.model_dump(mode="json", exclude_defaults=True), "policy": changed}
+        )
+        registry.set_settings(node, updated)
+        try:
+            build_policy(registry, site, gw)
+        except DesiredPolicyError as exc:
+            registry.set_settings(node, settings)  # put the tree back as it was
+            fail(str(exc), EXIT_USAGE)
+        commands_ = Commands(store)
+        batch = commands_.queue(
+            [CommandTarget(site, gw, "policy", "")],
+            "add_element" if action == "add" else "delete_element",
+            {"set": set_ref, "value": value},
+            timeout_s=timeout_s,
+            actor=ctx.actor,
+            library=None,
+        )
+
+    def finished() -> tuple[int, int]:
+        rows = commands_.batch(batch)
+        return sum(r["status"] in FINAL for r in rows), len(rows)
+
+    wait_until(finished, timeout_s + 2, f"{action} {value}", as_json)
+    (row,) = commands_.batch(batch)
+    answer = {
+        "site": site,
+        "gateway": gw,
+        "set": set_ref,
+        "value": value,
+        "written_to": str(node),
+        "status": row["status"],
+        "result": json.loads(row["result"]) if row["result"] else None,
+        "error": row["error"],
+        "id": row["id"],
+    }
+    if as_json:
+        emit_json(answer)
+    else:
+        style = "green" if row["status"] == "ok" else "red"
+        console.print(
+            f"{site}/{gw} {set_ref}: {action} {value}: [{style}]{row['status']}[/]"
+            + (f" ({row['error']})" if row["error"] else "")
+            + f"; kept in the policy of {node}"
+        )
+    if row["status"] != "ok":
+        sys.exit(EXIT_RUNTIME)

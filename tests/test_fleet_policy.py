@@ -132,3 +132,56 @@ def test_the_cli_shows_renders_and_queues_a_policy(tmp_path: Path) -> None:
     assert diff[0]["changed"] and "table inet campus_iot" in diff[0]["diff"]
     audit = json.loads(cli("audit", "--action", "policy.push", "--json"))
     assert audit and audit[-1]["result"] == "ok"
+
+
+def test_a_member_is_kept_in_the_tree_and_sent_to_the_gateway(tmp_path: Path) -> None:
+    """No service runs here (its heartbeat is faked): the member is written into the node that
+    defines the set, and the command stays queued for the service (the real path, with a
+    gateway answering, is in test_policy_netns.py)."""
+    import sqlite3
+    import time
+
+    config = write_yaml(
+        tmp_path / "fleet.yaml",
+        {"database": str(tmp_path / "fleet.db"), "signing_key": str(tmp_path / "k")},
+    )
+
+    def cli(*args: str, code: int = 0) -> str:
+        done = run_cli("campus-fleet", "--config", str(config), *args)
+        assert done.returncode == code, (args, done.returncode, done.stderr, done.stdout)
+        return done.stdout
+
+    cli("site", "add", SITE)
+    cli("gateway", "add", "gw-1", "--site", SITE)
+    write_yaml(tmp_path / "site.yaml", {"policy": teaching_building()})
+    cli("settings", "set", f"site:{SITE}", str(tmp_path / "site.yaml"))
+    conn = sqlite3.connect(tmp_path / "fleet.db")
+    conn.execute(
+        "INSERT INTO service (name, pid, started_ns, heartbeat_ns, signing_key, connected) "
+        "VALUES ('fleet', 1, 0, ?, 'abc', 1)",
+        (time.time_ns() + 60 * 10**9,),
+    )
+    conn.commit()
+    conn.close()
+    answer = json.loads(
+        cli(
+            "policy",
+            "member",
+            "add",
+            "gw-1",
+            "cameras.known",
+            "00:1a:07:3c:11:04",
+            "--timeout",
+            "0.5",
+            "--json",
+            code=1,
+        )
+    )
+    assert answer["written_to"] == f"site:{SITE}"
+    assert answer["status"] == "pending"  # no service here to send it (or to expire it)
+    shown = json.loads(cli("policy", "show", "gw-1", "--json"))
+    (cameras,) = [z for z in shown["policy"]["zones"] if z["id"] == "cameras"]
+    assert "00:1a:07:3c:11:04" in cameras["sets"][0]["macs"]
+    # A set no level defines, and a value that is no address, are refused before anything.
+    cli("policy", "member", "add", "gw-1", "cameras.unknown", "00:1a:07:3c:11:05", code=3)
+    cli("policy", "member", "add", "gw-1", "cameras.known", "not-a-mac", code=2)
