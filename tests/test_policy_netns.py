@@ -5,8 +5,9 @@ MAC, one not), a recorder, a sensor, another device and an uplink with the broke
 (ULA `fd00:ab:0:…` and `10.77.…`, only inside the namespaces). Every leaf and the gateway listen on
 TCP 7000 (one socket per family). Connections are tried in parallel with a 1 s timeout: a dropped
 SYN only times out. The applier runs with real nft (through `ip netns exec`), real signed
-documents, and an uplink check that really connects from the gateway namespace; the last test
-runs a whole agent in the gateway namespace against a Mosquitto in the uplink namespace.
+documents, and an uplink check that really connects from the gateway namespace; the last tests
+run a whole agent in the gateway namespace against a Mosquitto in the uplink namespace, and the
+last one `campus-fleet serve` beside that Mosquitto, driven by the CLI as IT staff would.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -48,6 +50,7 @@ from wire.policy_nft import GatewayContext, compile_policy
 from wire.signing import generate_key, load_private_key, public_path, sign
 
 REPO = Path(__file__).resolve().parents[1]
+FLEET_CLI = Path(sys.executable).parent / "campus-fleet"
 PORT = 7000
 TABLE = "campus_iot"
 SKIP = netns.unavailable()
@@ -158,6 +161,20 @@ FLOW_OF = {
     ("sen", "gw"): "flow:sensors-gateway",
     ("oth", "rec"): "flow:other-recorder-v6",
 }
+
+
+def expected_outcomes(
+    labels: Iterable[str], allowed: dict[tuple[str, str], set[str]]
+) -> dict[str, str]:
+    """'connected' or 'timeout' for each `src>dst/family` label of the matrix."""
+    expected = {}
+    for label in labels:
+        pair, family = label.split("/")
+        source, destination = pair.split(">")
+        expected[label] = (
+            "connected" if family in allowed.get((source, destination), ()) else "timeout"
+        )
+    return expected
 
 
 def drop_rule(source: str, destination: str) -> str:
@@ -382,13 +399,7 @@ async def test_allowed_flows_connect_and_every_other_is_dropped_and_counted(
     ), ack.reason
 
     outcomes = await asyncio.to_thread(topology.run_matrix)
-    expected = {}
-    for label in outcomes:
-        pair, family = label.split("/")
-        source, destination = pair.split(">")
-        allowed = family in ALLOWED.get((source, destination), set())
-        expected[label] = "connected" if allowed else "timeout"
-    assert outcomes == expected
+    assert outcomes == expected_outcomes(outcomes, ALLOWED)
 
     await applier.control.refresh_counters()
     seen = counters(applier)
@@ -818,13 +829,47 @@ class Broker:
 
     def stop(self) -> None:
         for process in reversed(self.processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_process(process, 5)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM to the process group (a planned stop), SIGKILL after `timeout`; its exit code."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
+def start_agent(lab: Lab, workdir: Path, settings: dict[str, Any]) -> subprocess.Popen[bytes]:
+    """A whole agent (tests/agent_host.py) in the gateway namespace, logging to agent.log:
+    `settings` are the test's (site, mqtt, fleet keys, policy), the rest is filled in here."""
+    config = {
+        "gateway": "gw-1",
+        "buffer": {"path": str(workdir / "buffer.db")},
+        "clock": {"sync_check": "none"},
+        "state_interval_s": 1,
+        **settings,
+    }
+    (workdir / "agent.yaml").write_text(yaml.safe_dump(config))
+    with (workdir / "agent.log").open("wb") as log:
+        return subprocess.Popen(
+            [
+                "ip", "netns", "exec", lab.gw, sys.executable,
+                str(REPO / "tests" / "agent_host.py"), str(workdir / "agent.yaml"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+
+
+def agent_log(workdir: Path) -> str:
+    return (workdir / "agent.log").read_text(errors="replace")[-3000:]
 
 
 @pytest.fixture
@@ -844,6 +889,7 @@ def wait_for(predicate: Any, timeout: float, what: str) -> Any:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("clean_table")
 def test_an_agent_in_the_gateway_namespace_rolls_back_a_policy_that_cuts_its_uplink(
     topology: Topology, broker_in_uplink: Broker, tmp_path: Path
@@ -854,47 +900,20 @@ def test_an_agent_in_the_gateway_namespace_rolls_back_a_policy_that_cuts_its_upl
     key_path = tmp_path / "keys" / "fleet.key"
     generate_key(key_path)
     key = load_private_key(key_path)
-    agent_file = tmp_path / "agent.yaml"
-    agent_file.write_text(
-        yaml.safe_dump(
-            {
-                "site": site,
-                "gateway": "gw-1",
-                "mqtt": {
-                    "host": up.v6,
-                    "port": broker.port,
-                    "keepalive_s": 5,
-                    "reconnect_max_s": 2,
-                },
-                "buffer": {"path": str(tmp_path / "buffer.db")},
-                "clock": {"sync_check": "none"},
-                "state_interval_s": 1,
-                "fleet": {"public_keys": [str(public_path(key_path))]},
-                "policy": {
-                    "enabled": True,
-                    "table": TABLE,
-                    "applied_path": str(tmp_path / "policy.applied.json"),
-                    "confirm_timeout_s": 3,
-                },
-            }
-        )
-    )
-    log = (tmp_path / "agent.log").open("wb")
-    agent = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            lab.gw,
-            sys.executable,
-            str(REPO / "tests" / "agent_host.py"),
-            str(agent_file),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
+    agent = start_agent(
+        lab,
+        tmp_path,
+        {
+            "site": site,
+            "mqtt": {"host": up.v6, "port": broker.port, "keepalive_s": 5, "reconnect_max_s": 2},
+            "fleet": {"public_keys": [str(public_path(key_path))]},
+            "policy": {
+                "enabled": True,
+                "table": TABLE,
+                "applied_path": str(tmp_path / "policy.applied.json"),
+                "confirm_timeout_s": 3,
+            },
+        },
     )
     topic = f"campus/{site}/gw/gw-1"
     try:
@@ -973,12 +992,228 @@ def test_an_agent_in_the_gateway_namespace_rolls_back_a_policy_that_cuts_its_upl
         members = lab.nft("list", "set", "inet", TABLE, "dev_cameras_known_mac").stdout
         assert CAM2_MAC in members and CAM_MAC in members
     finally:
-        if agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGTERM)
+        returncode = stop_process(agent, 15)
+    assert returncode == 0, agent_log(tmp_path)  # a planned stop
+
+
+# -- the whole chain: campus-fleet → broker → agent → nftables -----------------------------------
+
+
+class FleetInUplink:
+    """`campus-fleet serve` in the uplink namespace (its broker at ::1 there), and the CLI run
+    beside it on the same database, as IT staff would."""
+
+    def __init__(self, broker: Broker, site: str, workdir: Path) -> None:
+        self.broker, self.site, self.workdir = broker, site, workdir
+        self.gateway = f"gateway:{site}/gw-1"
+        self.config = workdir / "fleet.yaml"
+        self.public_key = workdir / "keys" / "fleet-signing.key.pub"  # `keys generate` makes it
+        self.process: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            yaml.safe_dump(
+                {
+                    "name": f"fleet-{site}",
+                    "mqtt": {"host": "::1", "port": broker.port, "keepalive_s": 5},
+                    "database": str(workdir / "fleet.db"),
+                    "sites": [site],
+                    "signing_key": str(workdir / "keys" / "fleet-signing.key"),
+                    # the broker as the gateways reach it: `policy render` compiles with it
+                    "agent_broker": {"host": broker.host.v6, "port": broker.port},
+                }
+            )
+        )
+
+    def cli(self, *args: str, ok: tuple[int, ...] = (0,)) -> str:
+        done = subprocess.run(
+            [str(FLEET_CLI), "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode in ok, (args, done.returncode, done.stdout, done.stderr)
+        return done.stdout
+
+    def json(self, *args: str, ok: tuple[int, ...] = (0,)) -> Any:
+        return json.loads(self.cli(*args, "--json", ok=ok))
+
+    def settings(self, target: str, settings: dict[str, Any]) -> None:
+        path = self.workdir / f"{target.replace(':', '-').replace('/', '-')}.yaml"
+        path.write_text(yaml.safe_dump(settings, sort_keys=False))
+        self.cli("settings", "set", target, str(path))
+
+    def start(self) -> None:
+        log = self.workdir / "fleet.log"
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [
+                    "ip", "netns", "exec", self.broker.host.ns,
+                    str(FLEET_CLI), "--config", str(self.config), "serve",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+        wait_for(lambda: b"subscribed to" in log.read_bytes(), 20, "campus-fleet serve subscribed")
+        wait_for(self._heard, 10, "the fleet service's heartbeat, connected")
+
+    def _heard(self) -> bool:
+        conn = sqlite3.connect(f"file:{self.workdir / 'fleet.db'}?mode=ro", uri=True)
         try:
-            agent.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(agent.pid, signal.SIGKILL)
-            agent.wait()
-        log.close()
-    assert agent.returncode == 0, (tmp_path / "agent.log").read_text()[-3000:]
+            row = conn.execute("SELECT max(connected) FROM service").fetchone()
+        finally:
+            conn.close()
+        return bool(row and row[0])
+
+    def stop(self) -> int | None:
+        return None if self.process is None else stop_process(self.process, 10)
+
+    def log(self) -> str:
+        return (self.workdir / "fleet.log").read_text(errors="replace")[-3000:]
+
+    def status(self) -> dict[str, Any]:
+        rows = self.json("policy", "status", self.gateway, ok=(0, 4))
+        assert len(rows) == 1, rows
+        row: dict[str, Any] = rows[0]
+        return row
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("clean_table")
+def test_a_policy_pushed_from_campus_fleet_is_enforced_on_the_gateway_and_proven_by_traffic(
+    topology: Topology, broker_in_uplink: Broker, tmp_path: Path
+) -> None:
+    broker, lab, up = broker_in_uplink, topology.lab, topology.hosts["up"]
+    site = f"school-{broker.port}"
+    broker.start(site)
+    fleet = FleetInUplink(broker, site, tmp_path / "fleet")
+    gateway = fleet.gateway
+    fleet.cli("keys", "generate")
+    fleet.cli("site", "add", site, "--name", "A teaching building")
+    fleet.cli("gateway", "add", "gw-1", "--site", site)
+
+    # the site sets the zones, their device sets and most flows; the gateway adds its own flow
+    site_flows = [flow for flow in POLICY["flows"] if flow["id"] != "sensors-gateway"]
+    fleet.settings(
+        f"site:{site}", {"policy": {**POLICY, "flows": site_flows, "restrict_output": True}}
+    )
+    sensors = {"id": "sensors", "from": "sensors", "to": "gateway", "protocol": "tcp"}
+    fleet.settings(gateway, {"policy": {"flows": [{**sensors, "ports": [PORT]}]}})
+    shown = fleet.json("policy", "show", gateway)["policy"]
+    assert [flow["id"] for flow in shown["flows"]] == [f["id"] for f in site_flows] + ["sensors"]
+    assert [zone["id"] for zone in shown["zones"]] == [z["id"] for z in POLICY["zones"]]
+
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        fleet.start()
+        agent = start_agent(
+            lab,
+            tmp_path,
+            {
+                "site": site,
+                "mqtt": {
+                    "host": up.v6,
+                    "port": broker.port,
+                    "keepalive_s": 5,
+                    "reconnect_max_s": 2,
+                },
+                "fleet": {"public_keys": [str(fleet.public_key)]},
+                "policy": {
+                    "enabled": True,
+                    "table": TABLE,
+                    "applied_path": str(tmp_path / "policy.applied.json"),
+                    "confirm_timeout_s": 3,
+                },
+            },
+        )
+        wait_for(
+            lambda: fleet.status()["gateway_status"] == "online",
+            20,
+            "the agent online at the fleet",
+        )
+        assert fleet.json("policy", "diff", gateway)[0]["changed"] is True  # nothing applied yet
+
+        def push(version: int) -> None:
+            pushed = fleet.json("policy", "push", gateway, "--timeout", "20")
+            assert pushed == {
+                "service": "running",
+                "gateways": [
+                    {
+                        "site": site,
+                        "gateway": "gw-1",
+                        "version": version,
+                        "new": True,
+                        "state": "applied",
+                        "reason": None,
+                    }
+                ],
+            }, (pushed, agent_log(tmp_path), fleet.log())
+
+        def enforced(version: int, allowed: dict[tuple[str, str], set[str]]) -> dict[str, Any]:
+            """The matrix connects as `allowed` says, and the fleet sees `version` in force:
+            the hash of its own rendering, the drops counted. The status, with its counters."""
+            outcomes = topology.run_matrix()
+            assert outcomes == expected_outcomes(outcomes, allowed)
+            blocked = sum(outcome == "timeout" for outcome in outcomes.values())
+            status: dict[str, Any] = wait_for(
+                lambda: (row := fleet.status())["dropped_packets"] >= blocked and row,
+                10,
+                f"the drops of v{version} at the fleet",
+            )
+            rendered = fleet.cli("policy", "render", gateway)
+            assert (
+                status["applied_version"],
+                status["desired_version"],
+                status["in_sync"],
+                status["last_ack"],
+                status["enforcement_error"],
+                status["running_sha256"],
+            ) == (version, version, True, "applied", None, sha256(rendered))
+            # byte for byte, restrict_output's broker rule included: the fleet renders it with
+            # the broker as the gateways reach it (agent_broker), not as the fleet does (::1)
+            broker_rule = f"ip6 daddr {up.v6} tcp dport {broker.port} counter accept"
+            assert broker_rule in rendered
+            assert broker_rule in lab.nft("-s", "list", "table", "inet", TABLE).stdout
+            return status
+
+        push(1)
+        status = enforced(1, ALLOWED)
+        by_rule = {c["rule"]: c["packets"] for c in status["counters"]}
+        assert by_rule["flow:sensors"] == 2  # sen>gw, once per family: the gateway's own flow
+        assert fleet.json("policy", "diff", gateway) == [
+            {"site": site, "gateway": "gw-1", "applied_version": 1, "changed": False, "diff": ""}
+        ]
+
+        # the gateway's flow changes: sensors may reach the recorder now, no longer the gateway
+        fleet.settings(
+            gateway, {"policy": {"flows": [{**sensors, "to": "recorders", "ports": [PORT]}]}}
+        )
+        (diff,) = fleet.json("policy", "diff", gateway)
+        assert diff["changed"] is True and diff["applied_version"] == 1
+        text = diff["diff"]
+        removed = [line for line in text.splitlines() if line.startswith("-\t")]
+        added = [line for line in text.splitlines() if line.startswith("+\t")]
+        assert removed == ['-\t\ttcp dport 7000 counter accept comment "flow:sensors"'], text
+        assert added == [
+            '+\t\toifname "rec0" ip6 daddr @zone_recorders_v6 tcp dport 7000 counter accept '
+            'comment "flow:sensors"',
+            '+\t\toifname "rec0" ip daddr @zone_recorders_v4 tcp dport 7000 counter accept '
+            'comment "flow:sensors"',
+        ], text
+        push(2)
+        moved = {pair: families for pair, families in ALLOWED.items() if pair != ("sen", "gw")}
+        status = enforced(2, moved | {("sen", "rec"): {"v6", "v4"}})
+        by_rule = {c["rule"]: c["packets"] for c in status["counters"]}
+        assert by_rule["flow:sensors"] == 2  # sen>rec now (a new table: new counters)
+        assert fleet.json("policy", "diff", gateway)[0]["changed"] is False
+    finally:
+        returncode = None if agent is None else stop_process(agent, 15)
+        fleet_returncode = fleet.stop()
+    assert returncode == 0, agent_log(tmp_path)  # planned stops
+    assert fleet_returncode == 0, fleet.log()
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -90,7 +90,7 @@ class DeviceState(_Message):
 
 class PolicyCounter(_Message):
     """The counters of the nftables rules that carry one comment (`flow:<id>`, `drop:<chain>`,
-    `admit:<zone>`…; see `agent.policy.compiler`), summed."""
+    `admit:<zone>`…; see `wire.policy_nft`), summed."""
 
     rule: Annotated[str, Field(max_length=128)]
     verdict: Literal["accept", "drop", "jump", "other"]
