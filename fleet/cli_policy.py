@@ -9,7 +9,9 @@ the broker, and reports the version, the hash of the compiled text and the rule 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
+import re
 import sys
 import time
 from typing import Any
@@ -418,16 +420,27 @@ def policy_status(ctx: Context, targets: tuple[str, ...], as_json: bool) -> None
 
 def _member_kind(value: str) -> str:
     """Which list of a device set a member goes in: macs, ipv6 or ipv4."""
-    import ipaddress
-    import re
-
-    if re.fullmatch(r"(?i)[0-9a-f]{2}(:[0-9a-f]{2}){5}", value):
+    if _MAC.fullmatch(value):
         return "macs"
     try:
         network = ipaddress.ip_network(value, strict=False)
     except ValueError:
         fail(f"{value!r} is not a MAC, an IPv6 or an IPv4 address or prefix", EXIT_USAGE)
     return "ipv6" if network.version == 6 else "ipv4"
+
+
+_MAC = re.compile(r"(?i)[0-9a-f]{2}([:-][0-9a-f]{2}){5}")
+
+
+def _same_member(kind: str, value: str) -> str:
+    """A member as compared: MACs lowercase with colons, addresses in their canonical form
+    (`fd00:ab:0:1:0:0:0:9` is `fd00:ab:0:1::9`)."""
+    if kind == "macs":
+        return value.lower().replace("-", ":")
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        return value
 
 
 def _with_member(
@@ -442,9 +455,13 @@ def _with_member(
         for set_entry in zone_entry.get("sets", []):
             if set_entry.get("id") != set_id:
                 continue
-            members = [m for m in set_entry.get(kind, []) if str(m).lower() != value.lower()]
+            if set_entry.get(kind) is None:  # declaring the list would change what the set means
+                held = "MACs" if kind == "macs" else f"{kind} addresses"
+                fail(f"set {zone}.{set_id} holds no {held}", EXIT_USAGE)
+            wanted = _same_member(kind, value)
+            members = [m for m in set_entry[kind] if _same_member(kind, str(m)) != wanted]
             if add:
-                members.append(value)
+                members.append(value.lower().replace("-", ":") if kind == "macs" else value)
             set_entry[kind] = members
             return changed
     return None
@@ -464,6 +481,8 @@ def _defining_node(
             changed = _with_member(settings.policy, zone, set_id, kind, value, add)
             if changed is not None:
                 return node, settings, changed
+            if any(entry.get("id") == zone for entry in settings.policy.get("zones", [])):
+                return None  # this level's zone replaces the ones above, and has no such set
     return None
 
 

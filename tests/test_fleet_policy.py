@@ -185,3 +185,23 @@ def test_a_member_is_kept_in_the_tree_and_sent_to_the_gateway(tmp_path: Path) ->
     # A set no level defines, and a value that is no address, are refused before anything.
     cli("policy", "member", "add", "gw-1", "cameras.unknown", "00:1a:07:3c:11:05", code=3)
     cli("policy", "member", "add", "gw-1", "cameras.known", "not-a-mac", code=2)
+
+
+def test_members_are_compared_in_their_canonical_form() -> None:
+    from fleet.cli_policy import _with_member
+
+    part = {
+        "zones": [
+            {
+                "id": "cameras",
+                "sets": [{"id": "known", "macs": ["00:1a:07:3c:11:01"], "ipv6": ["fd00::9"]}],
+            }
+        ]
+    }
+    removed = _with_member(part, "cameras", "known", "macs", "00-1A-07-3C-11-01", add=False)
+    assert removed is not None and removed["zones"][0]["sets"][0]["macs"] == []
+    removed = _with_member(part, "cameras", "known", "ipv6", "fd00:0:0:0:0:0:0:9", add=False)
+    assert removed is not None and removed["zones"][0]["sets"][0]["ipv6"] == []
+    added = _with_member(part, "cameras", "known", "macs", "00-1A-07-3C-11-02", add=True)
+    assert added is not None
+    assert added["zones"][0]["sets"][0]["macs"] == ["00:1a:07:3c:11:01", "00:1a:07:3c:11:02"]
