@@ -32,6 +32,7 @@ from fleet.registry import (
 )
 from fleet.settings import NodeSettings
 from wire.errors import problems_from
+from wire.gateway_config import not_reserved
 from wire.topics import check_id
 
 REQUIRED = ("site", "gateway", "device", "profile", "connection")
@@ -297,6 +298,8 @@ class _RowChecker:
             if (given := value[name]) is not None:
                 try:
                     check_id(name, given)
+                    if name == "device":
+                        not_reserved(given)
                 except ValueError as exc:
                     self.add(line, name, str(exc))
                     value[name] = None

@@ -31,6 +31,7 @@ from fleet.settings import (
 from fleet.store import Store
 from fleet.timefmt import iso
 from wire.errors import DocumentError, problems_from
+from wire.gateway_config import RESERVED_DEVICE_IDS
 from wire.topics import check_id
 
 Level = Literal["site", "building", "room", "gateway", "device"]
@@ -509,6 +510,8 @@ class Registry:
         room: str | None = None,
         settings: NodeSettings | None = None,
     ) -> dict[str, Any]:
+        if device in RESERVED_DEVICE_IDS:
+            raise RegistryError(f"device id {device!r} is reserved (the gateway's network policy)")
         target = Target("device", _id("site", site), _id("device", device))
         spec = self.validate_device(profile, kind, connection)
         settings = settings or NodeSettings()

@@ -492,6 +492,9 @@ class Store:
             fields["policy_version"] = state.policy_version
         if state.policy is not None:
             fields["policy_state"] = state.policy.model_dump_json()
+        elif state.status is Status.ONLINE and state.buffer is not None:
+            # A full online state without a policy: enforcement is off on that gateway now.
+            fields["policy_state"] = None
         if state.buffer is not None:
             fields["buffer_depth"] = state.buffer.depth
             fields["evicted"] = state.buffer.evicted

@@ -205,3 +205,45 @@ def test_members_are_compared_in_their_canonical_form() -> None:
     added = _with_member(part, "cameras", "known", "macs", "00-1A-07-3C-11-02", add=True)
     assert added is not None
     assert added["zones"][0]["sets"][0]["macs"] == ["00:1a:07:3c:11:01", "00:1a:07:3c:11:02"]
+
+
+def test_the_policy_device_id_is_reserved(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from fleet.registry import RegistryError
+    from wire.gateway_config import DeviceConfig
+
+    with pytest.raises(ValidationError, match="reserved"):
+        DeviceConfig.model_validate(
+            {"id": "policy", "profile": "p", "connection": {"type": "modbus-tcp", "host": "h"}}
+        )
+    store = Store(tmp_path / "fleet.db")
+    registry = Registry(store)
+    registry.add_site(SITE)
+    registry.add_gateway(SITE, "gw-1")
+    with pytest.raises(RegistryError, match="reserved"):
+        registry.add_device(
+            SITE, "policy", "gw-1", "campussim-thc100", {"type": "modbus-tcp", "host": "h"}
+        )
+
+
+def test_a_gateway_that_stops_enforcing_no_longer_shows_its_old_counters(tmp_path: Path) -> None:
+    from wire.models import BufferState, GatewayState, PolicyState, Status
+
+    store = Store(tmp_path / "fleet.db")
+
+    def reported() -> Any:
+        return store.conn.execute("SELECT policy_state FROM gateways").fetchone()[0]
+
+    with store.transaction():
+        store.record_state(
+            SITE, "gw-1",
+            GatewayState(status=Status.ONLINE, buffer=BufferState(), policy=PolicyState(version=3)),
+        )  # fmt: skip
+    assert json.loads(reported())["version"] == 3
+    with store.transaction():  # its Last Will says nothing about the policy: kept
+        store.record_state(SITE, "gw-1", GatewayState(status=Status.OFFLINE))
+    assert reported() is not None
+    with store.transaction():  # back online with policy enforcement switched off
+        store.record_state(SITE, "gw-1", GatewayState(status=Status.ONLINE, buffer=BufferState()))
+    assert reported() is None

@@ -12,12 +12,20 @@ import re
 from datetime import date
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from drivers.profiles import Alarm, DeviceKind, ProfileLibrary
 from drivers.registry import PROTOCOL_OF_CONNECTION, Connection
 from wire.errors import Problem
 from wire.models import Id, PointName
+from wire.topics import ID_PATTERN
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -28,8 +36,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: Device ids the agent keeps for itself: `policy` is the command path of its network policy.
+RESERVED_DEVICE_IDS = frozenset({"policy"})
+
+
+def not_reserved(device_id: str) -> str:
+    if device_id in RESERVED_DEVICE_IDS:
+        raise ValueError(f"device id {device_id!r} is reserved (the gateway's network policy)")
+    return device_id
+
+
 class DeviceConfig(_Section):
-    id: Id
+    id: Annotated[str, Field(pattern=ID_PATTERN), AfterValidator(not_reserved)]
     profile: str
     kind: DeviceKind | None = Field(None, description="defaults to the profile's kind")
     interval_s: Annotated[float, Field(ge=0.01, le=86_400)] = 10.0
