@@ -167,12 +167,12 @@ class BufferEvictingRule(_Rule):
 
 
 class ConfigRejectedRule(_Rule):
-    """A gateway rejected a config; clears when it applies one."""
+    """A gateway rejected a config (or a network policy); clears when it applies one."""
 
     type: Literal["config_rejected"]
 
     def describe(self) -> str:
-        return "config rejected; clears when one is applied"
+        return "config or network policy rejected; clears when one is applied"
 
 
 TimedRule = DeviceOfflineRule | GatewayOfflineRule | BufferEvictingRule
@@ -351,19 +351,20 @@ class AlertEngine:
             self._reconcile(self.clock(), (site, gateway))
 
     def on_ack(self, site: str, gateway: str, ack: Ack) -> None:
-        if ack.kind != "config":
-            return
+        """A rejected config or network policy (each its own alert: a policy is told apart by
+        `point: policy`); cleared when that kind is applied again."""
         now = self.clock()
+        point = None if ack.kind == "config" else ack.kind
         for rule in self.rules.values():
             if not isinstance(rule, ConfigRejectedRule) or not rule.in_scope(site, gateway):
                 continue
-            key = alert_key(rule.id, site, gateway)
+            key = alert_key(rule.id, site, gateway, None, point)
             if ack.status is AckStatus.REJECTED and key not in self._open:
                 reason = f": {ack.reason}" if ack.reason else ""
-                message = f"config version {ack.version} rejected{reason}"
-                self._raise(key, rule.id, site, gateway, None, None, ack.version, message, now)
+                message = f"{ack.kind} version {ack.version} rejected{reason}"
+                self._raise(key, rule.id, site, gateway, None, point, ack.version, message, now)
             elif ack.status is AckStatus.APPLIED and key in self._open:
-                self._clear(key, now, ack.version, f"config version {ack.version} applied")
+                self._clear(key, now, ack.version, f"{ack.kind} version {ack.version} applied")
 
     def tick(self, now_ns: int) -> None:
         """Wall-time rules (offline for N, evictions stopped for N); call about every second."""

@@ -299,6 +299,12 @@ def test_config_rejected_until_a_config_is_applied(make_fleet: Callable[..., Fle
         AlertState.CLEARED,
         "config version 9 applied",
     )
+    # A rejected network policy is its own alert, cleared by an applied policy only.
+    [policy] = ack(AckStatus.REJECTED, 4, kind="policy")
+    assert (policy.point, policy.message) == ("policy", "policy version 4 rejected: bad")
+    assert ack(AckStatus.APPLIED, 10) == []
+    [cleared] = ack(AckStatus.APPLIED, 5, kind="policy")
+    assert cleared.id == policy.id
 
 
 def test_an_alert_of_a_removed_rule_is_cleared(make_fleet: Callable[..., Fleet]) -> None:
