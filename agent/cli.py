@@ -66,7 +66,7 @@ def main() -> None:
 def check(config_path: Path) -> None:
     """Validate the configuration and every profile it uses, then exit (0 = valid)."""
     from agent.control import AppliedFileError, ConfigControl, load_trusted_keys
-    from wire.signing import KeyFileError
+    from wire.verify import KeyFileError
 
     config, library = _load(config_path)
     try:
@@ -117,7 +117,7 @@ def run(config_path: Path, log_level: str | None) -> None:
     )
     from agent.control import ApplyError
     from agent.runtime import Agent
-    from wire.signing import KeyFileError
+    from wire.verify import KeyFileError
 
     async def main_loop() -> None:
         stop = asyncio.Event()

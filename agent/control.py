@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from agent.clock import Clock
@@ -31,7 +30,7 @@ from wire.errors import InvalidMessage, problems_from
 from wire.gateway_config import ManagedConfig, check_against_profiles
 from wire.models import EventKind, decode
 from wire.mqtt import MqttError, MqttLink, PublishRefused
-from wire.signing import SignatureError, load_public_key_file, verify
+from wire.verify import PublicKey, SignatureError, load_public_key_file, verify
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class AppliedFileError(Exception):
 Apply = Callable[[ManagedConfig, Callable[[], Awaitable[None]] | None], Awaitable[str]]
 
 
-def load_trusted_keys(paths: list[Path]) -> list[Ed25519PublicKey]:
+def load_trusted_keys(paths: list[Path]) -> list[PublicKey]:
     """The fleet's public keys; `KeyFileError` for one that is unreadable or not Ed25519."""
     return [load_public_key_file(path) for path in paths]
 
@@ -149,7 +148,7 @@ def check_identity(document: SignedDocument, site: str, gateway: str) -> None:
         )
 
 
-def check_signature(document: SignedDocument, keys: list[Ed25519PublicKey]) -> None:
+def check_signature(document: SignedDocument, keys: list[PublicKey]) -> None:
     try:
         verify(document, keys)
     except SignatureError as exc:
@@ -179,7 +178,7 @@ class ConfigControl:
         *,
         site: str,
         gateway: str,
-        keys: list[Ed25519PublicKey],
+        keys: list[PublicKey],
         library: ProfileLibrary,
         store: AppliedStore,
         clock: Clock,
@@ -261,7 +260,7 @@ class ConfigControl:
         path: Path,
         site: str,
         gateway: str,
-        keys: list[Ed25519PublicKey],
+        keys: list[PublicKey],
         library: ProfileLibrary,
     ) -> tuple[SignedDocument, ManagedConfig] | None:
         """The applied file's document, None when there is none; `AppliedFileError` when it

@@ -33,15 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiomqtt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from wire.control import Ack, AckStatus, SignedDocument
 from wire.errors import InvalidMessage, problems_from
 from wire.gateway_config import ManagedConfig
 from wire.models import decode, encode
-from wire.signing import SignatureError, load_public_key_file, verify
 from wire.topics import Channel, check_id, topic
+from wire.verify import PublicKey, SignatureError, load_public_key_file, verify
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ class ConfigApplier:
 
     site: str
     gateway: str
-    public_keys: list[Ed25519PublicKey]
+    public_keys: list[PublicKey]
     applied_version: int = 0
     applied_sha256: str | None = None
 
@@ -218,7 +217,7 @@ class Swarm:
         port: int,
         site: str,
         gateways: Sequence[str],
-        public_keys: list[Ed25519PublicKey],
+        public_keys: list[PublicKey],
         *,
         on_ready: Callable[[int], None] | None = None,
     ) -> None:

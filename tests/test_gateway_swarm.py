@@ -26,8 +26,9 @@ from benchmarks._gateway_swarm import Swarm, expand_gateways
 from simulator.broker import MosquittoBroker
 from wire.control import Ack, AckStatus, SignedDocument
 from wire.models import decode, encode
-from wire.signing import generate_key, load_private_key, sign
+from wire.signing import generate_key, load_private_key, raw_public, sign
 from wire.topics import Channel, parse_topic, topic
+from wire.verify import PublicKey
 
 REPO = Path(__file__).resolve().parents[1]
 BODY: dict[str, Any] = {"devices": [], "schedules": []}
@@ -108,7 +109,7 @@ def test_gateway_ranges() -> None:
 async def test_swarm_applies_and_rejects_like_the_agent(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    public = generate_key(tmp_path / "fleet.key")
+    public = PublicKey(raw_public(generate_key(tmp_path / "fleet.key")))
     key = load_private_key(tmp_path / "fleet.key")
     stranger = Ed25519PrivateKey.generate()
     site = new_site()
@@ -248,7 +249,7 @@ async def test_swarm_reconnects_and_gets_the_retained_config(
     own_broker: MosquittoBroker, tmp_path: Path
 ) -> None:
     """After a broker restart every gateway subscribes again and gets what was retained."""
-    public = generate_key(tmp_path / "fleet.key")
+    public = PublicKey(raw_public(generate_key(tmp_path / "fleet.key")))
     key = load_private_key(tmp_path / "fleet.key")
     site = new_site()
     swarm = Swarm("127.0.0.1", own_broker.port, site, ["gw-0", "gw-1"], [public])

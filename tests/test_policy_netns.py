@@ -339,7 +339,7 @@ def applier_factory(tmp_path: Path) -> Iterator[ApplierFactory]:
 
 
 def load_public(path: Path) -> Any:
-    from wire.signing import load_public_key_file
+    from wire.verify import load_public_key_file
 
     return load_public_key_file(public_path(path))
 

@@ -149,3 +149,58 @@ def test_ipv6_literals_are_accepted_with_or_without_brackets() -> None:
     assert host_port("broker.school", 1883) == "broker.school:1883"
     with pytest.raises(ValueError, match="not a host"):
         MqttSettings(host="[fd00::1]:1883")
+
+
+@pytest.mark.parametrize("backend", ["libcrypto", "cryptography"])
+def test_gateways_verify_fleet_signatures_without_the_cryptography_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """The agent verifies through OpenSSL's libcrypto (no memory cost); the result is the same
+    as with `cryptography`, which signs on the fleet."""
+    import wire.verify
+    from wire.signing import generate_key, load_private_key, public_path, sign
+    from wire.verify import SignatureError, load_public_key_file, verify, verify_raw
+
+    if backend == "cryptography":
+        monkeypatch.setattr(wire.verify, "_LIBCRYPTO", None)
+    else:
+        assert wire.verify._LIBCRYPTO is not None, "libcrypto should be usable here"
+    generate_key(tmp_path / "fleet.key")
+    generate_key(tmp_path / "other.key")
+    key = load_private_key(tmp_path / "fleet.key")
+    trusted = [load_public_key_file(public_path(tmp_path / "fleet.key"))]
+    document = sign(
+        key, kind="config", site="s", gateway="g", version=3, issued_ns=1, body={"a": [1, "é"]}
+    )
+    verify(document, trusted)
+    message = b"campus"
+    raw = trusted[0].raw
+    assert verify_raw(raw, key.sign(message), message)
+    assert not verify_raw(raw, key.sign(message), message + b"!")
+    assert not verify_raw(raw, b"\0" * 64, message)
+    tampered = document.model_copy(update={"version": 4})
+    with pytest.raises(SignatureError, match="does not match"):
+        verify(tampered, trusted)
+    with pytest.raises(SignatureError, match="tampered"):
+        verify(document.model_copy(update={"body": {"a": [2]}}), trusted)
+    with pytest.raises(SignatureError, match="does not trust"):
+        verify(document, [load_public_key_file(public_path(tmp_path / "other.key"))])
+    with pytest.raises(SignatureError, match="does not match"):
+        verify(document.model_copy(update={"signature": "AAAA"}), trusted)
+
+
+def test_public_key_files_are_checked(tmp_path: Path) -> None:
+    from wire.signing import generate_key
+    from wire.verify import KeyFileError, load_public_key, load_public_key_file
+
+    with pytest.raises(KeyFileError, match="No such file"):
+        load_public_key_file(tmp_path / "missing.pub")
+    with pytest.raises(KeyFileError, match="not a PEM"):
+        load_public_key(b"hello", "x.pub")
+    with pytest.raises(KeyFileError, match="not an Ed25519"):
+        # An RSA-sized body in a PUBLIC KEY block.
+        load_public_key(b"-----BEGIN PUBLIC KEY-----\nMIIBIjAN\n-----END PUBLIC KEY-----\n", "x")
+    generate_key(tmp_path / "k")
+    private_pem = (tmp_path / "k").read_bytes()
+    with pytest.raises(KeyFileError, match="not a PEM public key"):
+        load_public_key(private_pem, "k")

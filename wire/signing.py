@@ -6,50 +6,61 @@ key id, body hash). Canonical JSON = sorted keys, no spaces, UTF-8: the same dat
 same bytes, in Python and in any other client.
 
 Keys are files: the private key PEM (PKCS#8, mode 0600) stays with the fleet service; the public key
-(PEM, SubjectPublicKeyInfo) goes into every gateway's bootstrap bundle.
+(PEM, SubjectPublicKeyInfo) goes into every gateway's bootstrap bundle. Gateways verify with
+`wire.verify`, which does not need the `cryptography` package.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from wire.control import SignedDocument
-from wire.errors import WireError
+from wire.verify import (
+    KeyFileError,
+    PublicKey,
+    SignatureError,
+    body_hash,
+    canonical,
+    key_id_of,
+    signed_part,
+)
+from wire.verify import verify as verify_raw_keys
 
-
-class SignatureError(WireError):
-    """A document that must not be applied: unsigned, tampered, or signed by an unknown key."""
-
-
-class KeyFileError(WireError):
-    """A key file that is missing, unreadable or not an Ed25519 key."""
-
-
-def canonical(data: Any) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def body_hash(body: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical(body)).hexdigest()
+__all__ = [
+    "KeyFileError",
+    "SignatureError",
+    "body_hash",
+    "canonical",
+    "generate_key",
+    "key_id",
+    "load_private_key",
+    "load_public_key",
+    "load_public_key_file",
+    "public_path",
+    "public_pem",
+    "sign",
+    "verify",
+]
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
     """First 16 hex digits of the SHA-256 of the raw public key: names the key in documents."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return key_id_of(raw_public(public_key))
+
+
+def raw_public(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _signed_part(document: SignedDocument) -> bytes:
-    return canonical(document.model_dump(mode="json", exclude={"signature", "body"}))
+    return signed_part(document)
 
 
 def sign(
@@ -77,30 +88,12 @@ def sign(
     return unsigned.model_copy(update={"signature": base64.b64encode(signature).decode()})
 
 
-def verify(document: SignedDocument, public_keys: list[Ed25519PublicKey]) -> None:
-    """Raises `SignatureError` unless a known key signed exactly this envelope and body."""
-    if not document.signature:
-        raise SignatureError(f"{document.kind} version {document.version} is not signed")
-    keys = {key_id(key): key for key in public_keys}
-    key = keys.get(document.key_id)
-    if key is None:
-        raise SignatureError(
-            f"{document.kind} version {document.version} is signed by key {document.key_id}, "
-            f"which this gateway does not trust (trusted: {', '.join(keys) or 'none'})"
-        )
-    try:
-        signature = base64.b64decode(document.signature, validate=True)
-        key.verify(signature, _signed_part(document))
-    except (InvalidSignature, ValueError):
-        raise SignatureError(
-            f"{document.kind} version {document.version}: the signature does not match "
-            "(tampered or corrupted)"
-        ) from None
-    if body_hash(document.body) != document.sha256:
-        raise SignatureError(
-            f"{document.kind} version {document.version}: the body does not match its signed "
-            "hash (tampered)"
-        )
+def verify(document: SignedDocument, public_keys: Sequence[PublicKey | Ed25519PublicKey]) -> None:
+    """`wire.verify.verify` for keys of either kind (raw, or `cryptography`'s)."""
+    verify_raw_keys(
+        document,
+        [key if isinstance(key, PublicKey) else PublicKey(raw_public(key)) for key in public_keys],
+    )
 
 
 def generate_key(path: Path) -> Ed25519PublicKey:

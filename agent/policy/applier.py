@@ -21,8 +21,6 @@ from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from agent.clock import Clock
 from agent.config import PolicySettings
 from agent.control import (
@@ -55,6 +53,7 @@ from wire.policy_nft import (
     compile_policy,
     device_set_name,
 )
+from wire.verify import PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ class PolicyControl:
         *,
         site: str,
         gateway: str,
-        keys: list[Ed25519PublicKey],
+        keys: list[PublicKey],
         settings: PolicySettings,
         clock: Clock,
         events: EventQueue,
