@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.buffer import Buffer
@@ -28,7 +29,6 @@ from agent.control import (
 from agent.coordinator import Coordinator
 from agent.events import EventQueue
 from agent.forwarder import Forwarder
-from agent.policy.applier import POLICY_DEVICE, PolicyControl, confirm_uplink, gateway_context
 from agent.schedules import Scheduler
 from drivers.base import Driver
 from drivers.profiles import Profile, ProfileLibrary
@@ -47,8 +47,13 @@ from wire.models import (
     encode,
 )
 from wire.mqtt import MqttError, MqttLink, PublishRefused, Will
-from wire.policy_nft import GatewayContext
 from wire.topics import Channel, topic
+
+if TYPE_CHECKING:
+    from agent.policy.applier import PolicyControl
+    from wire.policy_nft import GatewayContext
+
+POLICY_DEVICE = "policy"  # agent.policy.applier.POLICY_DEVICE, without importing it
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +125,7 @@ class Agent:
             events=self.events,
             topic=self._topics[Channel.CONFIG],
         )
-        self.policy = PolicyControl(
-            site=config.site,
-            gateway=config.gateway,
-            keys=self.control.keys,
-            settings=config.policy,
-            clock=self.clock,
-            events=self.events,
-            topic=self._topics[Channel.POLICY],
-            context=self._policy_context,
-        )
+        self._policy: PolicyControl | None = None
         self.outbox = Outbox(self.link, config.forwarder.ack_timeout_s)
         self.executor = CommandExecutor(
             self.coordinator, self.clock, self.events, config.command_timeout_s
@@ -185,15 +181,39 @@ class Agent:
             devices=devices,
             config_version=self.control.applied_version,
             policy_version=self.policy.applied_version if self.config.policy.enabled else None,
-            policy=self.policy.state(),
+            policy=self.policy.state() if self.config.policy.enabled else None,
         )
 
+    @property
+    def policy(self) -> PolicyControl:
+        """The network policy's control, loaded when it is first needed: at start when
+        enforcement is enabled, else when a policy document or command arrives (to answer it),
+        so that a gateway that does not enforce policies does not load the policy code."""
+        if self._policy is None:
+            from agent.policy.applier import PolicyControl
+
+            self._policy = PolicyControl(
+                site=self.config.site,
+                gateway=self.config.gateway,
+                keys=self.control.keys,
+                settings=self.config.policy,
+                clock=self.clock,
+                events=self.events,
+                topic=self._topics[Channel.POLICY],
+                context=self._policy_context,
+            )
+        return self._policy
+
     async def _policy_context(self) -> GatewayContext:
+        from agent.policy.applier import gateway_context
+
         return await gateway_context(self.config.policy, self.config.mqtt)
 
     async def _confirm_uplink(self, timeout_s: float) -> None:
         """Commit-confirm of a network policy: the broker is still reachable from here."""
         state_topic = self._topics[Channel.STATE]
+        from agent.policy.applier import confirm_uplink
+
         await confirm_uplink(
             self.link,
             self.config.mqtt.host,
@@ -275,7 +295,8 @@ class Agent:
             )
         if not self.control.keys:
             log.warning("no fleet.public_keys: every config the fleet pushes will be refused")
-        await self.policy.startup()  # before connecting: the saved policy was confirmed
+        if self.config.policy.enabled:
+            await self.policy.startup()  # before connecting: the saved policy was confirmed
         await self.link.subscribe(
             self._topics[Channel.CONFIG],
             self._topics[Channel.POLICY],
@@ -446,7 +467,7 @@ class Agent:
                 connects_seen = self.link.connects
                 availability_seen = availability
                 last = loop.time()
-                if due:
+                if due and self.config.policy.enabled:
                     await self.policy.refresh_counters()
                 try:
                     await asyncio.wait_for(

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.policy import GatewayContext, compile_policy
 from tests import netns
 from wire.policy import Policy, parse_policy
+from wire.policy_nft import GatewayContext, compile_policy
 
 CASES = Path(__file__).parent / "policy_cases"
 CASE_NAMES = sorted(p.name for p in CASES.iterdir() if (p / "policy.yaml").exists())

@@ -214,3 +214,14 @@ def test_an_empty_policy_is_valid_and_enforces_default_deny() -> None:
     policy = parse_policy({})
     assert policy == Policy()
     assert policy.enforce and not policy.flows
+
+
+def test_the_agent_names_the_policy_device_as_its_applier_does() -> None:
+    """The runtime keeps its own copy of the name so that it loads the policy code only when a
+    gateway enforces policies (or a policy message arrives)."""
+    from agent.policy.applier import POLICY_DEVICE as APPLIER_NAME
+    from agent.runtime import POLICY_DEVICE
+    from wire.gateway_config import RESERVED_DEVICE_IDS
+
+    assert POLICY_DEVICE == APPLIER_NAME
+    assert POLICY_DEVICE in RESERVED_DEVICE_IDS

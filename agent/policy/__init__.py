@@ -1,20 +1,4 @@
-"""Network policy enforcement: compile a signed policy to one nftables table, apply it with
-commit-confirm, report its counters. `compile_policy` is pure (the fleet renders with it too)."""
-
-from wire.policy_nft import (
-    DEFAULT_TABLE,
-    GatewayContext,
-    address_text,
-    compile_policy,
-    device_set_name,
-    zone_set_name,
-)
-
-__all__ = [
-    "DEFAULT_TABLE",
-    "GatewayContext",
-    "address_text",
-    "compile_policy",
-    "device_set_name",
-    "zone_set_name",
-]
+"""Network policy enforcement on the gateway: `applier` checks a signed policy, compiles it with
+`wire.policy_nft` (the same compiler the fleet renders with), applies it with `nft` (`nft`
+module) under commit-confirm, and reports its counters. Nothing is imported here, so that a
+gateway that does not enforce policies never loads the policy model."""

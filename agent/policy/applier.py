@@ -19,7 +19,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv6Address, IPv6Network, ip_address
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.clock import Clock
 from agent.config import PolicySettings
@@ -45,15 +45,13 @@ from wire.control import (
 from wire.errors import InvalidMessage
 from wire.models import EventKind, PolicyCounter, PolicyState, decode
 from wire.mqtt import MqttError, MqttLink, MqttSettings
-from wire.policy import Policy, PolicyError, parse_member, parse_policy
-from wire.policy_nft import (
-    GatewayContext,
-    SetKind,
-    address_text,
-    compile_policy,
-    device_set_name,
-)
 from wire.verify import PublicKey
+
+if TYPE_CHECKING:
+    # The policy model and compiler are imported when a policy document arrives, not before:
+    # a gateway that does not enforce policies keeps the ~2 MB they cost.
+    from wire.policy import Policy
+    from wire.policy_nft import GatewayContext, SetKind
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +87,8 @@ def decode_policy_document(topic: str, payload: bytes) -> SignedDocument:
 
 
 def check_policy_body(document: SignedDocument) -> Policy:
+    from wire.policy import PolicyError, parse_policy
+
     try:
         return parse_policy(document.body, prefix=("body",))
     except PolicyError as exc:
@@ -167,7 +167,7 @@ class PolicyControl:
         topic: str,
         context: Callable[[], Awaitable[GatewayContext]],
         nft: Nft | None = None,
-        compiler: Callable[[Policy, GatewayContext], str] = compile_policy,
+        compiler: Callable[[Policy, GatewayContext], str] | None = None,
     ) -> None:
         self.site = site
         self.gateway = gateway
@@ -177,7 +177,7 @@ class PolicyControl:
         self.events = events
         self.topic = topic
         self.context = context
-        self.compiler = compiler
+        self._compiler = compiler
         self.store = AppliedStore(settings.applied_path)
         self.nft = nft or Nft(settings.nft_path, settings.table)
         #: The signed policy in force (None: none, or it could not be put in force at start).
@@ -231,7 +231,7 @@ class PolicyControl:
             self._set_aside(str(exc))
             return
         try:
-            text = self.compiler(policy, await self.context())
+            text = self.compile(policy, await self.context())
             await self.nft.check(text)
             await self.nft.apply(text)
         except NftError as exc:
@@ -303,7 +303,7 @@ class PolicyControl:
                     document.version,
                     document.sha256,
                 )
-            text = self.compiler(policy, await self.context())
+            text = self.compile(policy, await self.context())
             await self._enforce(document, text, confirm)
             await self._persist(document, payload, text)
         except Refused as refused:
@@ -478,6 +478,9 @@ class PolicyControl:
     def element(self, set_ref: str, value: str) -> tuple[str, str]:
         """The nftables set and element text for `value` in `zone.set` of the policy in force;
         ValueError says why it does not fit."""
+        from wire.policy import parse_member
+        from wire.policy_nft import address_text, device_set_name
+
         if self.policy is None:
             raise ValueError("no network policy is in force on this gateway")
         zone_id, _, set_id = set_ref.partition(".")
@@ -503,6 +506,13 @@ class PolicyControl:
             raise ValueError(f"{member} is outside zone {zone.id} ({shown})")
         kind: SetKind = "v6" if isinstance(member, IPv6Network) else "v4"
         return device_set_name(zone.id, device_set.id, kind), address_text(member)
+
+    def compile(self, policy: Policy, context: GatewayContext) -> str:
+        if self._compiler is None:
+            from wire.policy_nft import compile_policy
+
+            self._compiler = compile_policy
+        return self._compiler(policy, context)
 
     async def add_element(self, set_ref: str, value: str) -> str:
         """Adds a member to a set of the policy in force, at once and without a reload (until
@@ -590,4 +600,6 @@ async def gateway_context(settings: PolicySettings, mqtt: MqttSettings) -> Gatew
         for _family, _type, _proto, _name, sockaddr in found:
             addresses.add(ip_address(str(sockaddr[0]).split("%")[0]))
     ordered = sorted(addresses, key=lambda a: (a.version, int(a)))
+    from wire.policy_nft import GatewayContext
+
     return GatewayContext(settings.table, mqtt.port, tuple(ordered))
