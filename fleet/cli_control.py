@@ -318,11 +318,37 @@ def config_push(
         for line in invalid:
             click.echo(f"campus-fleet: {line}", err=True)
         fail(f"nothing pushed: {len(invalid)} of {len(gateways)} configs are invalid", EXIT_USAGE)
+    push_bodies(
+        ctx, store, versions, bodies, targets, dry_run=dry_run, force=force, wait=wait,
+        timeout_s=timeout_s, as_json=as_json,
+    )  # fmt: skip
+
+
+def push_bodies(
+    ctx: Context,
+    store: Store,
+    versions: Versions,
+    bodies: dict[tuple[str, str], dict[str, Any]],
+    targets: tuple[str, ...],
+    *,
+    dry_run: bool,
+    force: bool,
+    wait: bool,
+    timeout_s: float,
+    as_json: bool,
+) -> None:
+    """What `config push` and `policy push` share once every body is built and valid: the dry
+    run, the new versions (audited), following the acknowledgements, the answer and exit code."""
+    kind = versions.kind
     if dry_run:
-        plan = []
-        for (site, gw), body in bodies.items():
-            same = carries(versions.latest(site, gw), body_hash(body))
-            plan.append({"site": site, "gateway": gw, "changed": force or not same})
+        plan = [
+            {
+                "site": site,
+                "gateway": gw,
+                "changed": force or not carries(versions.latest(site, gw), body_hash(body)),
+            }
+            for (site, gw), body in bodies.items()
+        ]
         if as_json:
             emit_json({"dry_run": True, "gateways": plan})
         else:
@@ -330,9 +356,9 @@ def config_push(
                 state = "would push" if entry["changed"] else "unchanged"
                 click.echo(f"{entry['site']}/{entry['gateway']}: {state}")
         return
-    details = {"targets": list(targets), "gateways": len(gateways), "force": force}
+    details = {"targets": list(targets), "gateways": len(bodies), "force": force}
     with (
-        audited(store, ctx.actor, "config.push", " ".join(targets), details),
+        audited(store, ctx.actor, f"{kind}.push", " ".join(targets), details),
         store.transaction(),
     ):
         staged = [
@@ -350,13 +376,13 @@ def config_push(
 
         def answered() -> tuple[int, int]:
             rows = store.conn.execute(
-                "SELECT site, gateway, version FROM config_versions WHERE state IN (?, ?)",
+                f"SELECT site, gateway, version FROM {versions.table} WHERE state IN (?, ?)",
                 (APPLIED, REJECTED),
             ).fetchall()
             return len(wanted & {tuple(r) for r in rows}), len(wanted)
 
         finished = wait_until(answered, timeout_s, "acknowledged", as_json)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for s in staged:
         row = (
             versions.latest(s.site, s.gateway)
@@ -376,7 +402,7 @@ def config_push(
     if as_json:
         emit_json({"service": problem or "running", "gateways": rows})
     else:
-        _print_push(rows)
+        _print_push(rows, f"{kind.capitalize()} push")
     if problem and new:
         sys.exit(EXIT_RUNTIME)
     if wait and (not finished or any(r["new"] and r["state"] != APPLIED for r in rows)):
@@ -502,9 +528,10 @@ def _refuse_rollout_members(store: Store, gateways: list[tuple[str, str]]) -> No
         )
 
 
-def _print_push(rows: list[dict[str, Any]]) -> None:
-    table = Table(title="Config push")
-    for column in ("gateway", "version", "state", "reason"):
+def _print_push(rows: list[dict[str, Any]], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("gateway", no_wrap=True)
+    for column in ("version", "state", "reason"):
         table.add_column(column)
     styles = {APPLIED: "green", REJECTED: "red", SENT: "yellow", PENDING: "yellow"}
     for r in rows:

@@ -23,10 +23,10 @@ from rich.table import Table
 from fleet.audit import audited
 from fleet.cli_control import (
     _one_gateway,
+    push_bodies,
     registry_of,
     resolve_gateways,
     service_problem,
-    service_warning,
     wait_until,
 )
 from fleet.clikit import (
@@ -46,7 +46,7 @@ from fleet.desired_policy import DesiredPolicyError, build_policy, render
 from fleet.registry import Registry, Target
 from fleet.settings import NodeSettings
 from fleet.timefmt import ago, iso
-from fleet.versions import APPLIED, PENDING, REJECTED, SENT, Versions
+from fleet.versions import REJECTED, Versions
 from wire.policy import parse_policy
 
 
@@ -255,89 +255,10 @@ def policy_push(
         fail(f"nothing pushed: {len(invalid)} of {len(gateways)} policies are invalid", EXIT_USAGE)
     if missing:
         fail(f"nothing pushed: no policy is set for {', '.join(missing)}", EXIT_NOT_FOUND)
-    if dry_run:
-        from fleet.versions import carries
-        from wire.signing import body_hash
-
-        plan = [
-            {
-                "site": site,
-                "gateway": gw,
-                "changed": force or not carries(versions.latest(site, gw), body_hash(body)),
-            }
-            for (site, gw), body in bodies.items()
-        ]
-        if as_json:
-            emit_json({"dry_run": True, "gateways": plan})
-        else:
-            for entry in plan:
-                state = "would push" if entry["changed"] else "unchanged"
-                click.echo(f"{entry['site']}/{entry['gateway']}: {state}")
-        return
-    details = {"targets": list(targets), "gateways": len(gateways), "force": force}
-    with (
-        audited(store, ctx.actor, "policy.push", " ".join(targets), details),
-        store.transaction(),
-    ):
-        staged = [
-            versions.stage(site, gw, body, origin="push", actor=ctx.actor, force=force)
-            for (site, gw), body in bodies.items()
-        ]
-    new = [s for s in staged if s.version is not None]
-    problem = service_problem(store)
-    warning = problem or service_warning(store)
-    if warning and new and not as_json:
-        click.echo(f"campus-fleet: warning: {warning}; the push waits for it", err=True)
-    finished = True
-    if wait and new and not problem:
-        wanted = {(s.site, s.gateway, s.version) for s in new}
-
-        def answered() -> tuple[int, int]:
-            rows = store.conn.execute(
-                "SELECT site, gateway, version FROM policy_versions WHERE state IN (?, ?)",
-                (APPLIED, REJECTED),
-            ).fetchall()
-            return len(wanted & {tuple(r) for r in rows}), len(wanted)
-
-        finished = wait_until(answered, timeout_s, "acknowledged", as_json)
-    rows: list[dict[str, Any]] = []
-    for s in staged:
-        row = (
-            versions.latest(s.site, s.gateway)
-            if s.version is None
-            else versions.get(s.site, s.gateway, s.version)
-        )
-        rows.append(
-            {
-                "site": s.site,
-                "gateway": s.gateway,
-                "version": row["version"] if row else None,
-                "new": s.version is not None,
-                "state": row["state"] if row else None,
-                "reason": row["reason"] if row else None,
-            }
-        )
-    if as_json:
-        emit_json({"service": problem or "running", "gateways": rows})
-    else:
-        table = Table(title="Policy push")
-        table.add_column("gateway", no_wrap=True)
-        for column in ("version", "state", "reason"):
-            table.add_column(column)
-        styles = {APPLIED: "green", REJECTED: "red", SENT: "yellow", PENDING: "yellow"}
-        for r in rows:
-            state = r["state"] if r["new"] else f"unchanged ({r['state']})"
-            table.add_row(
-                f"{r['site']}/{r['gateway']}",
-                f"v{r['version']}" if r["version"] else "-",
-                f"[{styles.get(r['state'], 'white')}]{state}[/]",
-                r["reason"] or "",
-            )
-        console.print(table)
-    if problem and new:
-        sys.exit(EXIT_RUNTIME)
-    if wait and (not finished or any(r["new"] and r["state"] != APPLIED for r in rows)):
-        sys.exit(EXIT_PARTIAL)
+    push_bodies(
+        ctx, store, versions, bodies, targets, dry_run=dry_run, force=force, wait=wait,
+        timeout_s=timeout_s, as_json=as_json,
+    )  # fmt: skip
 
 
 @policy.command("status")
