@@ -31,6 +31,43 @@ class TableSpec:
     indexes: tuple[tuple[str, ...], ...] = ()
 
 
+def _document_tables(kind: str) -> dict[str, TableSpec]:
+    return {
+        f"{kind}_versions": TableSpec(
+            {
+                "site": str,
+                "gateway": str,
+                "version": int,
+                "sha256": str,
+                "body": str,
+                "document": str,
+                "origin": str,
+                "actor": str,
+                "state": str,
+                "reason": str,
+                "created_ns": int,
+                "sent_ns": int,
+                "acked_ns": int,
+            },
+            pk=("site", "gateway", "version"),
+            indexes=(("state",),),
+        ),
+        f"{kind}_status": TableSpec(
+            {
+                "site": str,
+                "gateway": str,
+                "applied_version": int,
+                "applied_sha256": str,
+                "last_version": int,
+                "last_status": str,
+                "last_reason": str,
+                "last_ack_ns": int,
+            },
+            pk=("site", "gateway"),
+        ),
+    }
+
+
 # Columns are only ever added; an older database gets the missing ones when it is opened.
 TABLES: dict[str, TableSpec] = {
     "gateways": TableSpec(
@@ -167,75 +204,13 @@ TABLES: dict[str, TableSpec] = {
         indexes=(("site", "gateway"),),
     ),
     # -- desired state --------------------------------------------------------------------------
-    # One row per version pushed to a gateway. state: pending (waiting for the service to sign
-    # and publish) → sent → applied | rejected; superseded when a newer version was sent first.
-    "config_versions": TableSpec(
-        {
-            "site": str,
-            "gateway": str,
-            "version": int,
-            "sha256": str,
-            "body": str,
-            "document": str,
-            "origin": str,
-            "actor": str,
-            "state": str,
-            "reason": str,
-            "created_ns": int,
-            "sent_ns": int,
-            "acked_ns": int,
-        },
-        pk=("site", "gateway", "version"),
-        indexes=(("state",),),
-    ),
-    # What each gateway last acknowledged (and what it runs).
-    "config_status": TableSpec(
-        {
-            "site": str,
-            "gateway": str,
-            "applied_version": int,
-            "applied_sha256": str,
-            "last_version": int,
-            "last_status": str,
-            "last_reason": str,
-            "last_ack_ns": int,
-        },
-        pk=("site", "gateway"),
-    ),
-    # The same for signed network policies (fleet/versions.py with kind 'policy').
-    "policy_versions": TableSpec(
-        {
-            "site": str,
-            "gateway": str,
-            "version": int,
-            "sha256": str,
-            "body": str,
-            "document": str,
-            "origin": str,
-            "actor": str,
-            "state": str,
-            "reason": str,
-            "created_ns": int,
-            "sent_ns": int,
-            "acked_ns": int,
-        },
-        pk=("site", "gateway", "version"),
-        indexes=(("state",),),
-    ),
-    # What each gateway last acknowledged (and what it runs).
-    "policy_status": TableSpec(
-        {
-            "site": str,
-            "gateway": str,
-            "applied_version": int,
-            "applied_sha256": str,
-            "last_version": int,
-            "last_status": str,
-            "last_reason": str,
-            "last_ack_ns": int,
-        },
-        pk=("site", "gateway"),
-    ),
+    # Per kind of signed document (config, policy): `{kind}_versions`, one row per version pushed
+    # to a gateway (state: pending (waiting for the service to sign and publish) → sent → applied
+    # | rejected; superseded when a newer version was sent first), and `{kind}_status`, what each
+    # gateway last acknowledged (and what it runs).
+    **{
+        name: spec for kind in ("config", "policy") for name, spec in _document_tables(kind).items()
+    },
     "rollouts": TableSpec(
         {
             "id": int,
