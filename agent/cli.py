@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import signal
 import sys
 from collections.abc import Coroutine
@@ -18,7 +19,7 @@ import click
 
 from agent import __version__
 from agent.buffer import BufferError
-from agent.config import AgentConfig, DeviceConfig, load_config
+from agent.config import AgentConfig, DeviceConfig, PolicySettings, load_config
 from drivers.base import Value
 from drivers.profiles import ProfileLibrary
 from wire.errors import DocumentError
@@ -78,6 +79,7 @@ def check(config_path: Path) -> None:
         f"{len(config.devices)} devices, {len(library.profiles)} profiles in {library.directory}, "
         f"{len(keys)} trusted fleet keys"
     )
+    click.echo(_policy_line(config.policy))
     applied_path = config.fleet.applied_path
     try:
         applied = ConfigControl.inspect(applied_path, config.site, config.gateway, keys, library)
@@ -95,6 +97,18 @@ def check(config_path: Path) -> None:
         f"{applied_path}: fleet config version {document.version} (key {document.key_id}), "
         f"{len(managed.devices)} devices, {len(managed.schedules)} schedules: `run` uses it "
         "instead of this file's devices and schedules"
+    )
+
+
+def _policy_line(policy: PolicySettings) -> str:
+    """What `run` will do with network policies the fleet pushes."""
+    if not policy.enabled:
+        return "network policy: not enforced (policy.enabled is false): pushed policies are refused"
+    found = shutil.which(policy.nft_path)
+    where = found or f"{policy.nft_path} NOT FOUND (install nftables)"
+    return (
+        f"network policy: enforced in table inet {policy.table} with {where}, confirmed within "
+        f"{policy.confirm_timeout_s:g} s; the applied one is kept at {policy.applied_path}"
     )
 
 

@@ -81,6 +81,15 @@ def test_good_agent_config_checks(tmp_path: Path) -> None:
     result = run_cli("campus-agent", "check", "--config", str(path))
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stdout and "1 devices" in result.stdout
+    assert "network policy: not enforced (policy.enabled is false)" in result.stdout
+    enforcing = agent_config(
+        tmp_path,
+        "site: s\ngateway: g\npolicy:\n  enabled: true\n  nft_path: /nonexistent/nft\n",
+    )
+    result = run_cli("campus-agent", "check", "--config", str(enforcing))
+    assert result.returncode == 0, result.stderr
+    assert "network policy: enforced in table inet campus_iot" in result.stdout
+    assert "/nonexistent/nft NOT FOUND" in result.stdout
 
 
 def test_a_bad_profile_names_its_own_file(tmp_path: Path) -> None:
