@@ -48,6 +48,31 @@ class Refused(Exception):
         self.sha256 = sha256
 
 
+def already_applied(document: SignedDocument, applied: SignedDocument | None) -> bool:
+    """True for the applied document again; `Refused` for an older version (a replay) or
+    another body under the applied version. Configs and policies follow the same order."""
+    if applied is None:
+        return False
+    if document.version < applied.version:
+        raise Refused(
+            f"version {document.version} is older than the applied version "
+            f"{applied.version}: replay refused",
+            document.version,
+            document.sha256,
+        )
+    if document.version == applied.version:
+        if document.sha256 == applied.sha256:
+            return True
+        raise Refused(
+            f"version {document.version} is already applied with another body "
+            f"(sha256 {applied.sha256[:12]}…, this one {document.sha256[:12]}…): "
+            f"a changed {document.kind} needs a new version",
+            document.version,
+            document.sha256,
+        )
+    return False
+
+
 class ApplyError(Exception):
     """A valid config that could not be put into effect; everything was rolled back."""
 
@@ -320,29 +345,7 @@ class ConfigControl:
         return self._ack(document.version, document.sha256, AckStatus.APPLIED)
 
     def _already_applied(self, document: SignedDocument) -> bool:
-        """True for the applied document again; `Refused` for an older version or another
-        body under the applied version."""
-        applied = self.applied
-        if applied is None:
-            return False
-        if document.version < applied.version:
-            raise Refused(
-                f"version {document.version} is older than the applied version "
-                f"{applied.version}: replay refused",
-                document.version,
-                document.sha256,
-            )
-        if document.version == applied.version:
-            if document.sha256 == applied.sha256:
-                return True
-            raise Refused(
-                f"version {document.version} is already applied with another body "
-                f"(sha256 {applied.sha256[:12]}…, this one {document.sha256[:12]}…): "
-                "a changed config needs a new version",
-                document.version,
-                document.sha256,
-            )
-        return False
+        return already_applied(document, self.applied)
 
     def _rejected(self, refused: Refused) -> Ack:
         key = (refused.version, refused.sha256, refused.reason)

@@ -247,6 +247,11 @@ def config_diff(ctx: Context, targets: tuple[str, ...], as_json: bool) -> None:
                 "diff": "".join(lines),
             }
         )
+    print_diffs(result, as_json)
+
+
+def print_diffs(result: list[dict[str, Any]], as_json: bool) -> None:
+    """The answer of `config diff` and `policy diff`: per gateway, its diff or `no change`."""
     if as_json:
         emit_json(result)
         return

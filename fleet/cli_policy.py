@@ -23,6 +23,7 @@ from rich.table import Table
 from fleet.audit import audited
 from fleet.cli_control import (
     _one_gateway,
+    print_diffs,
     push_bodies,
     registry_of,
     resolve_gateways,
@@ -185,14 +186,7 @@ def policy_diff(ctx: Context, targets: tuple[str, ...], as_json: bool) -> None:
                 "diff": "".join(lines),
             }
         )
-    if as_json:
-        emit_json(result)
-        return
-    for entry in result:
-        if entry["changed"]:
-            click.echo(entry["diff"], nl=False)
-        else:
-            click.echo(f"{entry['site']}/{entry['gateway']}: no change")
+    print_diffs(result, as_json)
 
 
 @policy.command("push")

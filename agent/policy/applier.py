@@ -28,6 +28,7 @@ from agent.control import (
     AppliedFileError,
     AppliedStore,
     Refused,
+    already_applied,
     check_identity,
     check_signature,
     decode_document,
@@ -394,27 +395,7 @@ class PolicyControl:
             return f"the rollback failed too: {exc}"
 
     def _already_applied(self, document: SignedDocument) -> bool:
-        applied = self.applied
-        if applied is None:
-            return False
-        if document.version < applied.version:
-            raise Refused(
-                f"version {document.version} is older than the applied version "
-                f"{applied.version}: replay refused",
-                document.version,
-                document.sha256,
-            )
-        if document.version == applied.version:
-            if document.sha256 == applied.sha256:
-                return True
-            raise Refused(
-                f"version {document.version} is already applied with another body "
-                f"(sha256 {applied.sha256[:12]}…, this one {document.sha256[:12]}…): "
-                "a changed policy needs a new version",
-                document.version,
-                document.sha256,
-            )
-        return False
+        return already_applied(document, self.applied)
 
     def _rejected(self, refused: Refused) -> Ack:
         key = (refused.version, refused.sha256, refused.reason)
