@@ -14,7 +14,7 @@ import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from agent.clock import Clock
 from agent.coordinator import Coordinator
@@ -30,14 +30,6 @@ log = logging.getLogger(__name__)
 REMEMBERED_IDS = 1000
 MAX_ERROR = 4000
 _CORRELATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-@runtime_checkable
-class CommandDriver(Protocol):
-    """A driver with a command path: ValueError for a bad argument (nothing was written),
-    `DriverError` when the device fails."""
-
-    async def command(self, name: str, argument: Any = None) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +66,14 @@ class CommandExecutor:
         #: Commands run (not counting duplicates).
         self.executed = 0
 
-    async def run(self, device_id: str, action: str, argument: Any, deadline_ns: int) -> Outcome:
+    async def run(
+        self,
+        device_id: str,
+        action: str,
+        argument: Any,
+        deadline_ns: int,
+        options: dict[str, Any] | None = None,
+    ) -> Outcome:
         """Runs one command now, unless its deadline has passed or it cannot exist."""
         now = self.clock.wall_ns()
         if now > deadline_ns:
@@ -97,17 +96,11 @@ class CommandExecutor:
         except KeyError as exc:
             return Outcome(device_id, CommandOutcome.UNKNOWN_ACTION, error=str(exc.args[0]))
         driver = loop.driver
-        if not isinstance(driver, CommandDriver):
-            return Outcome(
-                device_id,
-                CommandOutcome.UNKNOWN_ACTION,
-                error=f"the driver of {device_id} has no command path",
-            )
         limit_s = min((deadline_ns - now) / 1e9, self.timeout_s)
         try:
             async with asyncio.timeout(limit_s):
                 async with loop.lock:
-                    result = await driver.command(action, argument)
+                    result = await driver.command(action, argument, options)
         except ValueError as exc:
             return Outcome(device_id, CommandOutcome.BAD_ARGUMENT, error=_text(exc))
         except TimeoutError:
@@ -144,7 +137,11 @@ class CommandExecutor:
         self._running.add(request.id)
         try:
             outcome = await self.run(
-                request.device, request.action, request.argument, request.deadline_ns
+                request.device,
+                request.action,
+                request.argument,
+                request.deadline_ns,
+                request.options,
             )
         finally:
             self._running.discard(request.id)

@@ -24,7 +24,7 @@ from agent.config import DeviceConfig
 from agent.events import EventQueue
 from drivers.base import Driver
 from drivers.errors import DriverError
-from drivers.profiles import Alarm, Profile
+from drivers.profile_base import Alarm, ProfileBase
 from wire.models import EventKind, Quality
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ MAX_BACKOFF_FACTOR = 8
 STOP_MARGIN_S = 1.0
 
 #: Builds a device's driver and returns it with the profile; may raise: the caller rolls back.
-DriverBuilder = Callable[[DeviceConfig], tuple[Driver, Profile]]
+DriverBuilder = Callable[[DeviceConfig], tuple[Driver, ProfileBase]]
 
 
 @dataclass(slots=True)
@@ -97,7 +97,7 @@ class DeviceLoop:
 
     device: DeviceConfig
     driver: Driver
-    profile: Profile
+    profile: ProfileBase
     lock: asyncio.Lock
     jitter_s: float = 0.0
     health: DeviceHealth = field(default_factory=DeviceHealth)

@@ -31,7 +31,7 @@ from agent.events import EventQueue
 from agent.forwarder import Forwarder
 from agent.schedules import Scheduler
 from drivers.base import Driver
-from drivers.profiles import Profile, ProfileLibrary
+from drivers.profiles import AnyProfile, ProfileLibrary
 from drivers.registry import DriverFactory
 from wire.control import CommandRequest
 from wire.errors import InvalidMessage
@@ -222,7 +222,7 @@ class Agent:
             timeout_s,
         )
 
-    def _build(self, device: DeviceConfig) -> tuple[Driver, Profile]:
+    def _build(self, device: DeviceConfig) -> tuple[Driver, AnyProfile]:
         profile = self.profiles.get(device.profile)
         return self.drivers.build(profile, device.connection), profile
 

@@ -336,7 +336,9 @@ class Scheduler:
         deadline_ns = self.clock.wall_ns() + int(self.grace.total_seconds() * 1e9)
         outcomes = await asyncio.gather(
             *(
-                self.executor.run(device, schedule.action, schedule.argument, deadline_ns)
+                self.executor.run(
+                    device, schedule.action, schedule.argument, deadline_ns, schedule.options
+                )
                 for device in devices
             )
         )

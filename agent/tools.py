@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import AgentConfig, DeviceConfig
-from drivers.base import Value
+from drivers.base import Driver, Value
 from drivers.errors import DriverError
-from drivers.modbus.driver import ModbusDriver, ModbusPool
+from drivers.modbus.driver import ModbusDriver
 from drivers.profiles import ProfileLibrary
+from drivers.registry import DriverFactory
 
 
 @dataclass
@@ -42,21 +43,22 @@ def select(config: AgentConfig, names: Iterable[str]) -> list[DeviceConfig]:
     return [known[name] for name in wanted] if wanted else list(known.values())
 
 
-def _driver(device: DeviceConfig, library: ProfileLibrary, pool: ModbusPool) -> ModbusDriver:
-    return ModbusDriver(library.get(device.profile), device.connection, pool)
+def _driver(device: DeviceConfig, library: ProfileLibrary, factory: DriverFactory) -> Driver:
+    return factory.build(library.get(device.profile), device.connection)
 
 
 async def probe(
     config: AgentConfig, library: ProfileLibrary, devices: list[DeviceConfig]
 ) -> list[Probe]:
-    pool = ModbusPool()
+    factory = DriverFactory()
     results = []
     try:
         for device in devices:
-            driver = _driver(device, library, pool)
-            profile = driver.profile
+            profile = library.get(device.profile)
             started = time.monotonic()
             try:
+                driver = factory.build(profile, device.connection)
+                await driver.open()
                 polled = await asyncio.wait_for(driver.read(), device.timeout_s * 4)
             except (DriverError, TimeoutError, OSError) as exc:
                 results.append(
@@ -83,23 +85,32 @@ async def probe(
                 )
             )
     finally:
-        await pool.close()
+        await factory.close()
     return results
 
 
 async def write(library: ProfileLibrary, device: DeviceConfig, point: str, value: Value) -> Value:
-    pool = ModbusPool()
+    factory = DriverFactory()
     try:
-        return await _driver(device, library, pool).write(point, value)
+        driver = _driver(device, library, factory)
+        if not isinstance(driver, ModbusDriver):
+            raise ValueError(f"{device.id}: only Modbus points are written directly; use a command")
+        return await driver.write(point, value)
     finally:
-        await pool.close()
+        await factory.close()
 
 
 async def command(
-    library: ProfileLibrary, device: DeviceConfig, name: str, argument: Any
+    library: ProfileLibrary,
+    device: DeviceConfig,
+    name: str,
+    argument: Any,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    pool = ModbusPool()
+    factory = DriverFactory()
     try:
-        return await _driver(device, library, pool).command(name, argument)
+        driver = _driver(device, library, factory)
+        await driver.open()
+        return await driver.command(name, argument, options)
     finally:
-        await pool.close()
+        await factory.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 Value = bool | int | float | str
 
@@ -33,3 +34,10 @@ class Driver(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    async def command(
+        self, name: str, argument: Any = None, options: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Runs a profile command and returns what the device reports back. ValueError: the
+        request is wrong (nothing was sent); DriverError: the device failed."""
+        raise ValueError(f"{type(self).__name__} has no command path")

@@ -1,33 +1,74 @@
-"""Connection types the agent config accepts, and the driver each one builds."""
+"""Connection types the agent config accepts, and the driver each one builds.
+
+Each protocol package has a `driver` module with a `Pool` (what its drivers share: one Modbus
+client per bus, one MQTT session per broker, one BLE scanner per adapter…; `async close()`) and
+`build(profile, connection, pool) -> Driver`. Driver modules are imported when a device first
+needs them, so a gateway without BLE sensors never loads bleak.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import importlib
+from typing import Annotated, Any
 
 from pydantic import Field
 
 from drivers.base import Driver
-from drivers.modbus.driver import (
-    ModbusDriver,
-    ModbusPool,
-    ModbusRtuConnection,
-    ModbusTcpConnection,
-)
-from drivers.profiles import Profile
+from drivers.ble.connection import BleConnection
+from drivers.camera.connection import OnvifConnection
+from drivers.modbus.driver import ModbusRtuConnection, ModbusTcpConnection
+from drivers.mqtt.connection import MqttDeviceConnection
+from drivers.pjlink.connection import PjlinkConnection
+from drivers.profiles import AnyProfile
 
-Connection = Annotated[ModbusTcpConnection | ModbusRtuConnection, Field(discriminator="type")]
+Connection = Annotated[
+    ModbusTcpConnection
+    | ModbusRtuConnection
+    | PjlinkConnection
+    | MqttDeviceConnection
+    | OnvifConnection
+    | BleConnection,
+    Field(discriminator="type"),
+]
 
-PROTOCOL_OF_CONNECTION = {"modbus-tcp": "modbus", "modbus-rtu": "modbus"}
+#: connection type -> the `protocol:` of the profiles it can serve
+PROTOCOL_OF_CONNECTION = {
+    "modbus-tcp": "modbus",
+    "modbus-rtu": "modbus",
+    "pjlink": "pjlink",
+    "mqtt": "mqtt",
+    "onvif": "onvif",
+    "ble": "ble",
+}
+
+_DRIVER_MODULES = {
+    "modbus": "drivers.modbus.driver",
+    "pjlink": "drivers.pjlink.driver",
+    "mqtt": "drivers.mqtt.driver",
+    "onvif": "drivers.camera.driver",
+    "ble": "drivers.ble.driver",
+}
 
 
 class DriverFactory:
-    """Builds drivers and owns what they share (connection pools)."""
+    """Builds drivers and owns what they share (one pool per protocol, made on first use)."""
 
     def __init__(self) -> None:
-        self._modbus = ModbusPool()
+        self._pools: dict[str, Any] = {}
 
-    def build(self, profile: Profile, connection: Connection) -> Driver:
-        return ModbusDriver(profile, connection, self._modbus)
+    def build(self, profile: AnyProfile, connection: Any) -> Driver:
+        protocol = PROTOCOL_OF_CONNECTION[connection.type]
+        if protocol != profile.protocol:
+            raise ValueError(
+                f"profile {profile.id} speaks {profile.protocol}, connection is {connection.type}"
+            )
+        module = importlib.import_module(_DRIVER_MODULES[protocol])
+        if protocol not in self._pools:
+            self._pools[protocol] = module.Pool()
+        driver: Driver = module.build(profile, connection, self._pools[protocol])
+        return driver
 
     async def close(self) -> None:
-        await self._modbus.close()
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            await pool.close()

@@ -18,7 +18,8 @@ from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import TypeAdapter, ValidationError
 
-from drivers.profiles import DeviceKind, Profile, ProfileLibrary
+from drivers.modbus.driver import ModbusRtuConnection, ModbusTcpConnection
+from drivers.profiles import AnyProfile, DeviceKind, ProfileLibrary
 from drivers.registry import PROTOCOL_OF_CONNECTION, Connection
 from fleet.settings import (
     NodeSettings,
@@ -131,7 +132,7 @@ class DeviceSpec:
     """What a device is, validated against the profiles: kind, profile and connection."""
 
     kind: DeviceKind
-    profile: Profile
+    profile: AnyProfile
     connection: Connection
 
     def connection_json(self) -> str:
@@ -156,6 +157,8 @@ def bus_conflicts(devices: Sequence[tuple[str, Connection]]) -> list[tuple[str, 
     lines: dict[str, tuple[str, tuple[int, str, int]]] = {}
     units: dict[tuple[str, int], str] = {}
     for device, connection in devices:
+        if not isinstance(connection, ModbusTcpConnection | ModbusRtuConnection):
+            continue  # one PJLink, MQTT, ONVIF or BLE device per connection: nothing to share
         if connection.type == "modbus-rtu":
             bus = connection.port
             first, line = lines.setdefault(bus, (device, connection.line()))
@@ -487,7 +490,7 @@ class Registry:
             if name == device:
                 raise RegistryError(f"device {device!r} on gateway {gateway!r}: {why}")
 
-    def _check_device_settings(self, settings: NodeSettings, profile: Profile) -> None:
+    def _check_device_settings(self, settings: NodeSettings, profile: AnyProfile) -> None:
         given = set(json.loads(dump_settings(settings)))
         if extra := sorted(given - DEVICE_SETTINGS):
             raise RegistryError(

@@ -25,7 +25,7 @@ from pymodbus.simulator import SimData, SimDevice
 from drivers.base import Value
 from drivers.modbus.codec import Table, crc16
 from drivers.modbus.points import clip_to_type, encode_point
-from drivers.profiles import PointType, Profile
+from drivers.modbus.profile import ModbusProfile, PointType
 from simulator.values import DeviceValues
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Fault:
 class SimulatedModbusDevice:
     def __init__(
         self,
-        profile: Profile,
+        profile: ModbusProfile,
         values: DeviceValues,
         *,
         unit: int = 1,

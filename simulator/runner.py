@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+from drivers.modbus.profile import ModbusProfile
 from drivers.profiles import ProfileLibrary
 from simulator.modbus_server import (
     Fault,
@@ -49,6 +50,7 @@ def build_device(
     spec: SimulatedDevice, library: ProfileLibrary, clock: Callable[[], float]
 ) -> SimulatedModbusDevice:
     profile = library.get(spec.profile)
+    assert isinstance(profile, ModbusProfile)  # checked when the scenario was loaded
     values = DeviceValues(profile, spec.seed, spec.base_temperature, spec.base_humidity)
     fault = Fault(spec.fault.kind, spec.fault.delay_s, spec.fault.code, spec.fault.spread)
     device = SimulatedModbusDevice(profile, values, unit=spec.unit, clock=clock, fault=fault)

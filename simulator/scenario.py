@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from drivers.modbus.profile import ModbusProfile
 from drivers.profiles import ProfileLibrary
 from wire.documents import line_of, read_yaml, validate_document
 from wire.errors import DocumentError, Problem
@@ -101,7 +102,17 @@ def load_scenario(path: Path) -> tuple[Scenario, ProfileLibrary]:
     for i, d in enumerate(scenario.devices):
         if d.profile not in library.profiles:
             continue
-        names = {point.name for point in library.get(d.profile).points}
+        profile = library.get(d.profile)
+        if not isinstance(profile, ModbusProfile):
+            problems.append(
+                Problem(
+                    f"devices.{i}.profile",
+                    f"{d.profile} speaks {profile.protocol}: 'devices' are Modbus devices",
+                    line_of(root, ("devices", i, "profile")),
+                )
+            )
+            continue
+        names = {point.name for point in profile.points}
         problems.extend(
             Problem(
                 f"devices.{i}.values.{name}",
@@ -111,7 +122,7 @@ def load_scenario(path: Path) -> tuple[Scenario, ProfileLibrary]:
             for name in d.values
             if name not in names
         )
-        bits = {p.name for p in library.get(d.profile).points if p.table.is_bits}
+        bits = {p.name for p in profile.points if p.table.is_bits}
         problems.extend(
             Problem(
                 f"devices.{i}.values.{name}",

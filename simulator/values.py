@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from drivers.base import Value
-from drivers.profiles import ModbusPoint, PointType, Profile
+from drivers.modbus.profile import ModbusPoint, ModbusProfile, PointType
 from simulator.model import ClassroomAir, Walk, occupied
 
 PHASE = re.compile(r"^(?P<base>.+?)_l(?P<phase>[123])$")
@@ -67,7 +67,7 @@ class Electrical:
 class DeviceValues:
     def __init__(
         self,
-        profile: Profile,
+        profile: ModbusProfile,
         seed: int = 0,
         base_temperature: float = 21.0,
         base_humidity: float = 45.0,

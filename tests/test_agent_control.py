@@ -28,7 +28,7 @@ from agent.coordinator import DeviceLoop
 from agent.runtime import Agent
 from drivers.base import Driver
 from drivers.errors import DriverError
-from drivers.profiles import Profile, ProfileLibrary
+from drivers.profiles import AnyProfile, ProfileLibrary
 from drivers.registry import Connection, DriverFactory
 from simulator.broker import MosquittoBroker, free_port
 from simulator.modbus_server import SimulatedModbusDevice, serve_tcp
@@ -462,7 +462,7 @@ class FailingDrivers(DriverFactory):
         super().__init__()
         self.failing_profile = failing_profile
 
-    def build(self, profile: Profile, connection: Connection) -> Driver:
+    def build(self, profile: AnyProfile, connection: Connection) -> Driver:
         if profile.id == self.failing_profile:
             raise DriverError(f"{connection.type} port busy (injected)")
         return super().build(profile, connection)

@@ -20,7 +20,8 @@ from drivers.modbus.driver import (
     ModbusTcpConnection,
 )
 from drivers.modbus.points import clip_to_type
-from drivers.profiles import Command, ModbusPoint, Profile, ProfileLibrary
+from drivers.modbus.profile import Command, ModbusPoint, ModbusProfile
+from drivers.profiles import ProfileLibrary
 from simulator.broker import free_port
 from simulator.modbus_server import SimulatedModbusDevice, serve_rtu, serve_tcp
 from simulator.runner import pty_pair
@@ -32,7 +33,7 @@ PROFILES = sorted(LIBRARY.profiles)
 FIXED_TIME = 86_400 * 30 + 9 * 3600.0  # a Tuesday lesson: every value away from zero
 
 
-def simulated(profile: Profile, unit: int) -> SimulatedModbusDevice:
+def simulated(profile: ModbusProfile, unit: int) -> SimulatedModbusDevice:
     return SimulatedModbusDevice(
         profile, DeviceValues(profile, seed=unit), unit=unit, clock=lambda: FIXED_TIME
     )

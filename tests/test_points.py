@@ -1,4 +1,4 @@
-"""Profile points ⇄ registers for every data type and order; commands' argument checks; alarm
+"""ModbusProfile points ⇄ registers for every data type and order; commands' argument checks; alarm
 thresholds with hysteresis."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from agent.coordinator import AlarmWatch
 from drivers.modbus.points import check_range, clip_to_type, decode_point, encode_point
-from drivers.profiles import Alarm, Argument, ModbusPoint, Profile
+from drivers.modbus.profile import ModbusPoint, ModbusProfile
+from drivers.profile_base import Alarm, Argument
 
 
 def point(**fields: object) -> ModbusPoint:
@@ -83,13 +84,13 @@ def test_flags_may_share_a_register_but_not_a_bit() -> None:
         {"name": "a", "table": "holding", "address": 0, "type": "bool", "bit": 0},
         {"name": "b", "table": "holding", "address": 0, "type": "bool", "bit": 1},
     ]
-    Profile.model_validate({**base, "points": flags})
+    ModbusProfile.model_validate({**base, "points": flags})
     clash = [*flags, {"name": "c", "table": "holding", "address": 0, "type": "bool", "bit": 1}]
     with pytest.raises(ValidationError, match="points 'b' and 'c' overlap at holding 0"):
-        Profile.model_validate({**base, "points": clash})
+        ModbusProfile.model_validate({**base, "points": clash})
     whole = [*flags, {"name": "w", "table": "holding", "address": 0}]
     with pytest.raises(ValidationError, match="points 'a' and 'w' overlap"):
-        Profile.model_validate({**base, "points": whole})
+        ModbusProfile.model_validate({**base, "points": whole})
 
 
 def test_commands_are_checked_against_points() -> None:
@@ -102,15 +103,19 @@ def test_commands_are_checked_against_points() -> None:
         "points": [{"name": "addr", "table": "holding", "address": 0}],
     }
     with pytest.raises(ValidationError, match="point 'addr' is not read-write"):
-        Profile.model_validate({**base, "commands": [{"name": "set", "point": "addr", "value": 1}]})
+        ModbusProfile.model_validate(
+            {**base, "commands": [{"name": "set", "point": "addr", "value": 1}]}
+        )
     with pytest.raises(ValidationError, match="no point 'nope'"):
-        Profile.model_validate({**base, "commands": [{"name": "set", "point": "nope", "value": 1}]})
+        ModbusProfile.model_validate(
+            {**base, "commands": [{"name": "set", "point": "nope", "value": 1}]}
+        )
     with pytest.raises(ValidationError, match="either a fixed 'value' or an 'argument'"):
-        Profile.model_validate(
+        ModbusProfile.model_validate(
             {**base, "commands": [{"name": "reset", "table": "holding", "address": 9}]}
         )
     with pytest.raises(ValidationError, match="a point command needs either a fixed 'value'"):
-        Profile.model_validate(
+        ModbusProfile.model_validate(
             {
                 **base,
                 "points": [
@@ -120,7 +125,7 @@ def test_commands_are_checked_against_points() -> None:
             }
         )
     with pytest.raises(ValidationError, match="either to a 'point' or to a 'table' \\+ 'address'"):
-        Profile.model_validate({**base, "commands": [{"name": "x", "value": 1}]})
+        ModbusProfile.model_validate({**base, "commands": [{"name": "x", "value": 1}]})
 
 
 @pytest.mark.parametrize(

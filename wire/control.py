@@ -66,6 +66,9 @@ class CommandRequest(_Message):
     device: Id
     action: PointName
     argument: Any = None
+    options: dict[PointName, Any] = Field(
+        default_factory=dict, description="named extras of the command, e.g. {minutes: 10}"
+    )
     issued_ns: Nanos
     deadline_ns: Nanos
 

@@ -73,6 +73,9 @@ class Schedule(_Section):
     kinds: list[DeviceKind] = Field(default_factory=list)
     action: PointName
     argument: Any = None
+    options: dict[PointName, Any] = Field(
+        default_factory=dict, description="named extras of the command, e.g. {minutes: 10}"
+    )
 
     @field_validator("at")
     @classmethod

@@ -32,8 +32,9 @@ from drivers.modbus.points import (
     encode_point,
     point_decoder,
 )
+from drivers.modbus.profile import ModbusPoint, ModbusProfile, PointType
 from drivers.modbus.transport import ModbusTcpClient
-from drivers.profiles import ModbusPoint, PointType, Profile, to_bool
+from drivers.profile_base import to_bool
 from wire.net import bare_host
 
 
@@ -140,7 +141,7 @@ _Member = tuple[str, int, int, Decoder, ModbusPoint | None, float | None]
 class ModbusDriver(Driver):
     def __init__(
         self,
-        profile: Profile,
+        profile: ModbusProfile,
         connection: ModbusTcpConnection | ModbusRtuConnection,
         pool: ModbusPool,
         *,
@@ -319,16 +320,17 @@ class ModbusDriver(Driver):
         else:
             await self._client.write_registers(self.unit, address, registers)
 
-    async def command(self, name: str, argument: Any = None) -> dict[str, Any]:
+    async def command(
+        self, name: str, argument: Any = None, options: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Runs a profile command; ValueError for a bad argument (nothing written)."""
         command = self.profile.command(name)
+        command.check_options(options)
+        value: Value
         if command.argument is not None:
-            if argument is None:
-                raise ValueError(f"command {name!r} needs an argument ({command.argument.type})")
-            value: Value = command.argument.check(argument)
-        elif argument is not None:
-            raise ValueError(f"command {name!r} takes no argument")
+            value = command.check_argument(argument)
         else:
+            command.check_argument(argument)
             assert command.value is not None
             value = command.value
         if command.point is not None:
@@ -347,3 +349,12 @@ class ModbusDriver(Driver):
 
     async def close(self) -> None:
         await self._client.close()
+
+
+Pool = ModbusPool
+
+
+def build(
+    profile: ModbusProfile, connection: ModbusTcpConnection | ModbusRtuConnection, pool: ModbusPool
+) -> ModbusDriver:
+    return ModbusDriver(profile, connection, pool)

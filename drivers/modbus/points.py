@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from drivers.base import Value
 from drivers.modbus.codec import DataType, WordOrder, encode_value, register_count, struct_code
-from drivers.profiles import ByteOrder, ModbusPoint, PointType
+from drivers.modbus.profile import ByteOrder, ModbusPoint, PointType
 
 _INT_LIMITS = {
     DataType.INT16: (-(2**15), 2**15 - 1),

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from drivers.profiles import DeviceKind, Profile
+from drivers.profiles import AnyProfile, DeviceKind
 from fleet.registry import Registry, RegistryError, Target
 from fleet.reports.period import NS, Interval, Period
 from fleet.reports.timeline import (
@@ -296,7 +296,7 @@ def usage_report(
     )
 
 
-def _profiles(registry: Registry) -> dict[str, Profile]:
+def _profiles(registry: Registry) -> dict[str, AnyProfile]:
     """The firmware profiles, for per-point poll intervals and power point names (without them
     the device's interval and the default point names apply)."""
     try:
@@ -378,7 +378,7 @@ def _device_figures(
     conn: sqlite3.Connection,
     site: str,
     device: _Device,
-    profile: Profile | None,
+    profile: AnyProfile | None,
     period: Period,
     events: Sequence[tuple[int, bool]],
     first_event_ns: int | None,
@@ -413,7 +413,7 @@ def _device_figures(
     return figures
 
 
-def _cap_ns(device: DeviceFigures, profile: Profile | None, point: str) -> int:
+def _cap_ns(device: DeviceFigures, profile: AnyProfile | None, point: str) -> int:
     """How long a reading of the point holds: GAP_FACTOR × its poll interval (the device's, or
     the point's own when its profile polls it less often)."""
     interval = max(device.interval_s, _point_interval(profile, point) or 0.0)
@@ -423,7 +423,7 @@ def _cap_ns(device: DeviceFigures, profile: Profile | None, point: str) -> int:
 def _power(
     figures: DeviceFigures,
     reads: _Readings,
-    profile: Profile | None,
+    profile: AnyProfile | None,
     window: Interval,
     downs: Sequence[int],
 ) -> None:
@@ -441,7 +441,7 @@ def _power(
 def _comfort(
     figures: DeviceFigures,
     reads: _Readings,
-    profile: Profile | None,
+    profile: AnyProfile | None,
     period: Period,
     window: Interval,
     downs: Sequence[int],
@@ -484,18 +484,18 @@ def _spans(lessons: Sequence[Interval], cap_ns: int, window: Interval) -> list[I
     return spans
 
 
-def _declares(profile: Profile | None, point: str) -> bool:
+def _declares(profile: AnyProfile | None, point: str) -> bool:
     return profile is not None and any(declared.name == point for declared in profile.points)
 
 
-def _point_interval(profile: Profile | None, point: str) -> float | None:
+def _point_interval(profile: AnyProfile | None, point: str) -> float | None:
     """The point's own poll interval, when its profile sets one."""
     if profile is None:
         return None
     return next((p.poll_interval_s for p in profile.points if p.name == point), None)
 
 
-def _power_point(profile: Profile | None) -> str:
+def _power_point(profile: AnyProfile | None) -> str:
     return next((name for name in POWER_POINTS if _declares(profile, name)), POWER_POINTS[0])
 
 
