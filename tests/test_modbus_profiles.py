@@ -29,7 +29,7 @@ from simulator.scenario import RtuBus
 from simulator.values import DeviceValues
 
 LIBRARY = ProfileLibrary.load()
-PROFILES = sorted(LIBRARY.profiles)
+PROFILES = sorted(p.id for p in LIBRARY.profiles.values() if p.protocol == "modbus")
 FIXED_TIME = 86_400 * 30 + 9 * 3600.0  # a Tuesday lesson: every value away from zero
 
 
