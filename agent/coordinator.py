@@ -118,6 +118,12 @@ class DeviceLoop:
             if alarm is not None:
                 self.alarms[point.name] = AlarmWatch(point.name, point.unit, alarm)
 
+    @property
+    def timeout_s(self) -> float:
+        """How long one poll may take: the device's `timeout_s`, or longer when the driver's
+        own bounded retries need it (a BLE connection tried twice)."""
+        return max(self.device.timeout_s, self.driver.poll_timeout_s)
+
     async def stop(self) -> None:
         """Lets a poll in progress finish (up to its timeout), then ends the loop."""
         task = self.task
@@ -126,7 +132,7 @@ class DeviceLoop:
         self.stopping = True
         if not self.polling:
             task.cancel()
-        await asyncio.wait({task}, timeout=self.device.timeout_s + STOP_MARGIN_S)
+        await asyncio.wait({task}, timeout=self.timeout_s + STOP_MARGIN_S)
         if not task.done():
             task.cancel()
             await asyncio.wait({task})
@@ -219,7 +225,7 @@ class Coordinator:
         health.polls += 1
         try:
             async with loop.lock:
-                async with asyncio.timeout(device.timeout_s):
+                async with asyncio.timeout(loop.timeout_s):
                     result = await loop.driver.read()
         except (DriverError, TimeoutError, OSError) as exc:
             reason = str(exc) or type(exc).__name__

@@ -25,6 +25,9 @@ class Driver(ABC):
 
     #: Requests for drivers with the same bus key are serialised (one RS-485 line, one TCP peer).
     bus: str
+    #: The longest a `read()` may take within the driver's own bounds (e.g. connection attempts
+    #: with back-off); the agent allows the larger of this and the device's `timeout_s`.
+    poll_timeout_s: float = 0.0
 
     @abstractmethod
     async def open(self) -> None: ...

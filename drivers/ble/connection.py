@@ -18,4 +18,19 @@ class BleConnection(BaseModel):
     bind_key: Annotated[str, Field(pattern=r"^[0-9A-Fa-f]{32}$")] | None = Field(
         None, description="BTHome encryption key (32 hex digits) of a sensor that encrypts"
     )
-    timeout_s: Annotated[float, Field(gt=0, le=60)] = 10.0
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = Field(
+        10.0, description="GATT: the longest one connection attempt may take"
+    )
+    local_name: Annotated[str, Field(min_length=1, max_length=29)] | None = Field(
+        None,
+        description="recognise the sensor by the name it advertises instead of its address "
+        "(sensors with rotating private addresses); the address still names it in messages",
+    )
+    advert_interval_s: Annotated[float, Field(gt=0, le=86_400)] | None = Field(
+        None, description="BTHome: how often this sensor advertises, if not the profile's"
+    )
+    scan: Literal["passive", "active"] = Field(
+        "passive",
+        description="active: ask for scan responses too (a name sent only there); the "
+        "adapter scans actively as soon as one of its devices asks for it",
+    )

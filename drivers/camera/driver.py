@@ -103,6 +103,7 @@ class CameraDriver(Driver):
         self.connection = connection
         self.address = host_port(connection.host, connection.port)
         self.bus = f"onvif:{self.address}"
+        self.poll_timeout_s = connection.timeout_s + 0.5  # ONVIF and RTSP side by side
         self._clock = clock
         self._ssl = pool.ssl_context(connection.verify_tls) if connection.https else None
         self._points = list(profile.points)
