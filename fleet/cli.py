@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
+from drivers.profile_base import DeviceKind, ValueType
 from fleet.clikit import (
     EXIT_NOT_FOUND,
     EXIT_RUNTIME,
@@ -33,7 +35,9 @@ from fleet.clikit import (
     since_option,
 )
 from fleet.config import DEFAULT_CONFIG
+from fleet.store import Store
 from fleet.timefmt import ago, iso
+from wire.errors import WireError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,52 +168,159 @@ def devices() -> None:
 
 
 @devices.command("list")
+@click.option("--site", "site_id", help="Only this site's devices.")
+@click.option("--gateway", "gateway_id", help="Only this gateway's devices.")
+@click.option(
+    "--kind",
+    type=click.Choice([kind.value for kind in DeviceKind]),
+    help="Only devices of this kind.",
+)
+@click.option(
+    "--points",
+    "with_points",
+    is_flag=True,
+    help="Also the latest value of every point, with its unit and age.",
+)
 @config_option
 @json_option
 @pass_context
-def devices_list(ctx: Context, as_json: bool) -> None:
-    """Every device, its profile, whether it answers, and its gateway's status."""
-    rows = ctx.store().devices()
+def devices_list(
+    ctx: Context,
+    site_id: str | None,
+    gateway_id: str | None,
+    kind: str | None,
+    with_points: bool,
+    as_json: bool,
+) -> None:
+    """Every device the gateways report: its profile, whether it answers, its last reading.
+
+    \b
+    availability  up or down as its gateway reports it ("down 5m": for 5 minutes),
+                  unknown while the gateway is offline or has not said yet
+    last reading  when its newest reading was taken
+    --points      a second table: the latest value of every point each device reports,
+                  with its unit and age (the health points of projectors, boards and
+                  cameras: power, lamp hours, errors, screen, stream…)
+
+    \b
+    Examples:
+      campus-fleet devices list --site school-42 --points
+      campus-fleet devices list --kind camera --points --json
+    """
+    store = ctx.store()
+    rows = [
+        r
+        for r in store.devices()
+        if (site_id is None or r["site"] == site_id)
+        and (gateway_id is None or r["gateway"] == gateway_id)
+        and (kind is None or r["kind"] == kind)
+    ]
+    points = _latest_points(store, ctx) if with_points else {}
+    now = time.time_ns()
 
     def availability(r: dict[str, Any]) -> str:
         if r["gateway_status"] != "online":
             return "unknown"
         return {1: "up", 0: "down"}.get(r["up"], "unknown")
 
+    def listed(r: dict[str, Any]) -> list[dict[str, Any]]:
+        return points.get((r["site"], r["gateway"], r["device"]), [])
+
     if as_json:
-        emit_json(
-            [
-                {
-                    "site": r["site"],
-                    "gateway": r["gateway"],
-                    "device": r["device"],
-                    "profile": r["profile"],
-                    "kind": r["kind"],
-                    "availability": availability(r),
-                    "gateway_status": r["gateway_status"] or "unknown",
-                    "last_reading": iso(r["last_seen_ns"]),
-                }
-                for r in rows
-            ]
-        )
+        shown = []
+        for r in rows:
+            state = availability(r)
+            entry = {
+                "site": r["site"],
+                "gateway": r["gateway"],
+                "device": r["device"],
+                "profile": r["profile"],
+                "kind": r["kind"],
+                "availability": state,
+                "gateway_status": r["gateway_status"] or "unknown",
+                "down_since": iso(r["down_since_ns"]) if state == "down" else None,
+                "last_reading": iso(r["last_seen_ns"]),
+            }
+            if with_points:
+                entry["points"] = [
+                    {
+                        "point": p["point"],
+                        "value": p["value"],
+                        "unit": p["unit"],
+                        "time": iso(p["ts_ns"]),
+                        "age_s": round(max(0, now - p["ts_ns"]) / 1e9, 3),
+                    }
+                    for p in listed(r)
+                ]
+            shown.append(entry)
+        emit_json(shown)
         return
-    now = time.time_ns()
     table = Table(title=f"Devices ({len(rows)})")
     for column in ("site", "gateway", "device", "kind", "profile", "availability", "last reading"):
         table.add_column(column)
     for r in rows:
         state = availability(r)
         style = {"up": "green", "down": "red"}.get(state, "yellow")
+        since = f" {ago(r['down_since_ns'], now).removesuffix(' ago')}" if state == "down" else ""
         table.add_row(
             r["site"],
             r["gateway"],
             r["device"],
             r["kind"] or "-",
             r["profile"] or "-",
-            f"[{style}]{state}[/]",
+            f"[{style}]{state}[/]{since}",
             ago(r["last_seen_ns"], now),
         )
     console.print(table)
+    if not with_points:
+        return
+    table = Table(title="Latest points")
+    for column in ("device", "point", "value", "age"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for r in rows:
+        for index, p in enumerate(listed(r)):
+            unit = f" {p['unit']}" if p["unit"] else ""
+            table.add_row(
+                f"{r['gateway']}/{r['device']}" if index == 0 else "",
+                escape(p["point"]),
+                escape(f"{show_value(p['value'])}{unit}"),
+                ago(p["ts_ns"], now),
+            )
+    console.print(table)
+
+
+def _latest_points(store: Store, ctx: Context) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """(site, gateway, device) -> its points' latest values, with the units of its profile."""
+    declared = _declared_points(ctx)
+    found: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in store.latest():
+        unit, flag = declared.get((row["profile"], row["point"]), ("", False))
+        value = bool(row["value"]) if flag and isinstance(row["value"], int) else row["value"]
+        found.setdefault((row["site"], row["gateway"], row["device"]), []).append(
+            {**row, "value": value, "unit": unit}
+        )
+    return found
+
+
+def _declared_points(ctx: Context) -> dict[tuple[str, str], tuple[str, bool]]:
+    """(profile, point) -> (unit, whether it is on/off), from the fleet's profiles (SQLite
+    keeps true as 1); empty when they cannot be read: the listing goes on without units."""
+    from drivers.profiles import ProfileLibrary
+
+    try:
+        directory = (
+            None
+            if ctx.db_path is not None and not ctx.config_path.exists()
+            else ctx.config.profiles_dir
+        )
+        library = ProfileLibrary.load(directory)
+    except (WireError, OSError):
+        return {}
+    return {
+        (profile.id, point.name): (point.unit, getattr(point, "type", None) == ValueType.BOOL)
+        for profile in library.profiles.values()
+        for point in profile.points
+    }
 
 
 @main.command()
@@ -393,6 +504,8 @@ def profiles_check(paths: tuple[Path, ...], as_json: bool) -> None:
                         "id": p.id,
                         "vendor": p.vendor,
                         "model": p.model,
+                        "protocol": p.protocol,
+                        "kind": p.kind.value,
                         "points": len(p.points),
                         "commands": len(p.commands),
                     }
@@ -413,8 +526,9 @@ def profiles_check(paths: tuple[Path, ...], as_json: bool) -> None:
     else:
         for profile in found:
             click.echo(
-                f"ok   {profile.id}: {profile.vendor} {profile.model}, "
-                f"{len(profile.points)} points, {len(profile.commands)} commands"
+                f"ok   {profile.id}: {profile.vendor} {profile.model} ({profile.protocol} "
+                f"{profile.kind.value}), {len(profile.points)} points, "
+                f"{len(profile.commands)} commands"
             )
         for error in errors:
             for problem in error.problems:

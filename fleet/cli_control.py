@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from drivers.profiles import ProfileLibrary
-from fleet.audit import audited
+from fleet.audit import audited, record
 from fleet.clikit import (
     EXIT_NOT_FOUND,
     EXIT_PARTIAL,
@@ -35,7 +37,7 @@ from fleet.clikit import (
     json_option,
     pass_context,
 )
-from fleet.commands import FINAL, Commands, Target
+from fleet.commands import FINAL, Commands, Target, check_command
 from fleet.desired import DesiredConfigError, body_of, build_config
 from fleet.registry import NotFound, Registry, RegistryError
 from fleet.rollouts import ACTIVE, RolloutError, Rollouts
@@ -846,15 +848,114 @@ for _command in (rollout_pause, rollout_resume, rollout_abort):
 # -- commands ------------------------------------------------------------------------------------
 
 
-@click.command()
+CMD_HELP = """Run ACTION (a command of the device's profile) on the devices of SELECTOR.
+
+SELECTOR: a device id, device:SITE/DEVICE, or site:, building:, room:, gateway: selectors
+(every device there; narrow with --kind); or leave SELECTOR out and give --site SITE.
+ARGUMENT is JSON when it parses (42, true), else text: put text with spaces in quotes.
+
+Named options of the command follow ACTION as --NAME VALUE or --NAME=VALUE (a bare --NAME
+means on); one named like an option of cmd itself (site, kind, option, timeout, wait, json,
+config) is given as -o NAME=VALUE. Before anything is sent, ARGUMENT and the options are
+checked against the profile of every device that has ACTION: an unknown option, a bad or
+missing value is refused (exit 2) naming the option and the profile, and nothing is sent.
+
+\b
+Examples:
+  campus-fleet cmd --kind board --site school-42 notice "Fire drill at 10:00" --minutes 10
+  campus-fleet cmd building:school-42/a power_off --kind display
+  campus-fleet cmd room-101-relays relay_1 on
+  campus-fleet cmd site:school-42 reset_energy --kind meter --json
+
+Every device gets its own answer, with the correlation id that travelled with it; devices
+whose profile lacks ACTION are answered unknown_action at once. Exit 0 when every device
+answered ok, 4 when some did not, 1 when none did, 2 when the command line or its options
+are wrong, 3 when SELECTOR matches no device.
+"""
+CMD_USAGE = "[SELECTOR] ACTION [ARGUMENT] [--NAME VALUE]..."
+_OPTION_NAME = re.compile(r"^[a-z0-9_][a-z0-9_.-]{0,63}$")
+
+
+class CommandLineError(ValueError):
+    """The words of `cmd` do not make a command."""
+
+
+def split_command_line(
+    words: Sequence[str], site: str | None, pairs: Sequence[str] = ()
+) -> tuple[str, str, str | None, dict[str, str]]:
+    """(selector, action, argument text, named options) from the words after `cmd` that
+    click did not take (`--site` stands for the selector `site:SITE`)."""
+    positionals: list[str] = []
+    named: dict[str, str] = {}
+
+    def add(name: str, value: str, written: str) -> None:
+        if not _OPTION_NAME.match(name):
+            raise CommandLineError(f"{written!r} is not an option name (--name VALUE)")
+        if name in named:
+            raise CommandLineError(f"option --{name} is given twice")
+        named[name] = value
+
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word.startswith("--") and len(word) > 2:
+            name, equals, value = word[2:].partition("=")
+            if not equals:
+                following = words[index + 1] if index + 1 < len(words) else None
+                if following is None or following.startswith("--"):
+                    value = "true"
+                else:
+                    value = following
+                    index += 1
+            add(name, value, word)
+        else:
+            positionals.append(word)
+        index += 1
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals:
+            raise CommandLineError(f"-o {pair!r}: write NAME=VALUE")
+        add(name, value, f"-o {pair}")
+    if site is not None:
+        if positionals and ":" in positionals[0]:
+            raise CommandLineError(f"give SELECTOR ({positionals[0]}) or --site, not both")
+        positionals.insert(0, f"site:{site}")
+    if len(positionals) < 2:
+        missing = "ACTION" if positionals else "SELECTOR and ACTION (or --site SITE and ACTION)"
+        raise CommandLineError(f"missing {missing}: campus-fleet cmd {CMD_USAGE}")
+    if len(positionals) > 3:
+        extra = " ".join(repr(word) for word in positionals[3:])
+        raise CommandLineError(
+            f"unexpected {extra} after ARGUMENT {positionals[2]!r} (put text with spaces "
+            "in quotes; options are --NAME VALUE)"
+        )
+    selector, action, *rest = positionals
+    return selector, action, rest[0] if rest else None, named
+
+
+@click.command(
+    help=CMD_HELP,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
 @config_option
-@click.argument("selector")
-@click.argument("action")
-@click.argument("argument", required=False)
+@click.argument("words", nargs=-1, type=click.UNPROCESSED, metavar=CMD_USAGE)
+@click.option(
+    "--site",
+    "site_id",
+    help="Every device of this site (narrow with --kind); SELECTOR is then left out.",
+)
 @click.option(
     "--kind",
     type=click.Choice(["display", "board", "sensor", "camera", "meter"]),
     help="Only devices of this kind (e.g. every display of a building).",
+)
+@click.option(
+    "-o",
+    "--option",
+    "option_pairs",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A named option of the command whose name is one of cmd's own (repeatable).",
 )
 @click.option(
     "--timeout",
@@ -868,30 +969,18 @@ for _command in (rollout_pause, rollout_resume, rollout_abort):
 @pass_context
 def cmd(
     ctx: Context,
-    selector: str,
-    action: str,
-    argument: str | None,
+    words: tuple[str, ...],
+    site_id: str | None,
     kind: str | None,
+    option_pairs: tuple[str, ...],
     timeout_s: float | None,
     wait: bool,
     as_json: bool,
 ) -> None:
-    """Run ACTION (a command of the device's profile) on the devices of SELECTOR.
-
-    SELECTOR: a device id, device:SITE/DEVICE, or site:, building:, room:, gateway: selectors
-    (every device there; narrow with --kind). ARGUMENT is JSON when it parses (42, true,
-    '{"text": "Fire drill", "minutes": 10}'), else text.
-
-    \b
-    Examples:
-      campus-fleet cmd building:school-42/a power_off --kind display
-      campus-fleet cmd room-101-relays relay_1 on
-      campus-fleet cmd site:school-42 reset_energy --kind meter --json
-
-    Every device gets its own answer, with the correlation id that travelled with it. Exit 0
-    when every device answered ok, 4 when some did not, 1 when none did, 3 when SELECTOR
-    matches no device.
-    """
+    try:
+        selector, action, argument_text, named = split_command_line(words, site_id, option_pairs)
+    except CommandLineError as exc:
+        fail(str(exc), EXIT_USAGE)
     store = ctx.writable_store()
     registry = registry_of(ctx, store)
     try:
@@ -904,26 +993,38 @@ def cmd(
         fail(
             f"no device matches {selector}" + (f" with kind {kind}" if kind else ""), EXIT_NOT_FOUND
         )
-    problem = service_problem(store)
-    if problem:
-        fail(f"{problem}: commands cannot be sent", EXIT_RUNTIME)
-    timeout = timeout_s or ctx.config.command_timeout_s
-    commands_ = Commands(store)
+    library = library_of(ctx)
     targets = [Target(d["site"], d["gateway"], d["device"], d["profile"]) for d in devices]
+    argument = parse_argument(argument_text)
+    options, problems = check_command(library, targets, action, argument, named)
     details = {
         "action": action,
-        "argument": parse_argument(argument),
+        "argument": argument,
+        "options": options,
         "kind": kind,
         "devices": len(targets),
     }
+    if problems:
+        record(store, ctx.actor, "cmd", selector, details, f"error: {problems[0]}")
+        if len(problems) == 1:
+            fail(f"{problems[0]}; nothing sent", EXIT_USAGE)
+        for problem in problems:
+            click.echo(f"campus-fleet: {problem}", err=True)
+        fail(f"nothing sent: {len(problems)} problems", EXIT_USAGE)
+    not_running = service_problem(store)
+    if not_running:
+        fail(f"{not_running}: commands cannot be sent", EXIT_RUNTIME)
+    timeout = timeout_s or ctx.config.command_timeout_s
+    commands_ = Commands(store)
     with audited(store, ctx.actor, "cmd", selector, details):
         batch = commands_.queue(
             targets,
             action,
-            parse_argument(argument),
+            argument,
             timeout_s=timeout,
             actor=ctx.actor,
-            library=library_of(ctx),
+            library=library,
+            options=options,
         )
     if wait:
 
@@ -986,6 +1087,17 @@ def commands_show(ctx: Context, batch: str, as_json: bool) -> None:
     _print_batch(rows, batch, as_json)
 
 
+def describe_command(row: dict[str, Any]) -> str:
+    """The command of a batch as it was given: notice 'Fire drill' --minutes 10."""
+    words = [row["action"]]
+    argument = json.loads(row["argument"])
+    if argument is not None:
+        words.append(repr(argument) if isinstance(argument, str) else json.dumps(argument))
+    for name, value in json.loads(row["options"] or "{}").items():
+        words.append(f"--{name} {json.dumps(value) if not isinstance(value, str) else repr(value)}")
+    return " ".join(words)
+
+
 def _print_batch(rows: list[dict[str, Any]], batch: str, as_json: bool) -> None:
     if as_json:
         emit_json(
@@ -999,6 +1111,7 @@ def _print_batch(rows: list[dict[str, Any]], batch: str, as_json: bool) -> None:
                         "device": r["device"],
                         "action": r["action"],
                         "argument": json.loads(r["argument"]),
+                        "options": json.loads(r["options"] or "{}"),
                         "status": r["status"],
                         "result": json.loads(r["result"]) if r["result"] else None,
                         "error": r["error"],
@@ -1010,7 +1123,9 @@ def _print_batch(rows: list[dict[str, Any]], batch: str, as_json: bool) -> None:
             }
         )
         return
-    table = Table(title=f"Command batch {batch}")
+    table = Table(
+        title=f"Command batch {batch}", caption=escape(describe_command(rows[0])) if rows else None
+    )
     for column in ("device", "gateway", "status", "result / error", "correlation id"):
         table.add_column(column)
     for r in rows:

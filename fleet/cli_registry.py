@@ -36,7 +36,15 @@ from fleet.clikit import (
     since_option,
 )
 from fleet.config import FleetConfig
-from fleet.csv_import import InventoryError, connection_url, import_file, parse_connection_url
+from fleet.csv_import import (
+    URL_HELP,
+    InventoryError,
+    connection_url,
+    import_file,
+    mask_connection,
+    mask_url,
+    parse_connection_url,
+)
 from fleet.registry import Change, NotFound, Registry, RegistryError, Target, parse_target
 from fleet.settings import NodeSettings, SettingsError, dump_settings
 from wire.documents import read_yaml, validate_document
@@ -574,28 +582,52 @@ def gateway_remove(
 def device() -> None:
     """Devices of the registry: on a gateway, of a firmware profile, reached by a connection.
 
-    Connections are URLs, as in the inventory spreadsheet:
+    Connections are URLs, as in the inventory spreadsheet; 'campus-fleet device add --help'
+    teaches every form. Passwords and keys show as *** in tables and --json unless
+    --show-secrets is given.
 
     \b
-      modbus-tcp://192.168.10.21?unit=1       (port 502 unless given)
-      modbus-tcp://[fd00::5]:1502?unit=3      (IPv6 in brackets)
-      modbus-rtu:///dev/ttyUSB0?unit=3&baudrate=9600&parity=E&stopbits=1
-      options: unit, timeout_s, retries, max_gap (+ baudrate, parity, stopbits for RTU)
+      modbus-rtu:///dev/ttyUSB0?unit=3&baudrate=9600   modbus-tcp://[fd00::5]:502?unit=1
+      pjlink://:PASSWORD@[fd00:10::21]                 mqtt:///eclass/board-101
+      onvif://USER:PASSWORD@[fd00::30]?rtsp=rtsp://[fd00::30]:554/stream1
+      ble://A4:C1:38:12:34:56?bind_key=…
 
     \b
     Examples:
       campus-fleet device add r101-co2 --gateway gw-bat-a --profile senseair-s8 \\
           --connection 'modbus-rtu:///dev/ttyUSB0?unit=2' --room r-101 --interval 30
       campus-fleet device list --gateway gw-bat-a
+      campus-fleet device show r101-proj --show-secrets
       campus-fleet device move r101-co2 --room r-102
       campus-fleet device remove r101-co2
     """
 
 
-@device.command("add")
+@device.command(
+    "add",
+    help=f"""Add DEVICE on a gateway, reached by the connection URL --connection.
+
+The URL's scheme must be the protocol of the profile (modbus-tcp:// or modbus-rtu:// for a
+Modbus profile, pjlink://, mqtt:// or mqtts://, onvif://, ble://):
+
+{URL_HELP}
+\b
+Examples:
+  campus-fleet device add r101-co2 --gateway gw-bat-a --profile senseair-s8 \\
+      --connection 'modbus-rtu:///dev/ttyUSB0?unit=2' --room r-101 --interval 30
+  campus-fleet device add r101-proj --gateway gw-bat-a --profile generic-pjlink-projector \\
+      --connection 'pjlink://:s3cret@[fd00:10::21]' --room r-101
+  campus-fleet device add r101-board --gateway gw-bat-a \\
+      --profile generic-android-eclass-board --connection 'mqtt:///eclass/board-101'
+  campus-fleet device add hall-cam --gateway gw-bat-a --profile generic-onvif-camera \\
+      --connection 'onvif://admin:s3cret@[fd00::30]?rtsp=rtsp://[fd00::30]:554/stream1'
+  campus-fleet device add r101-th --gateway gw-bat-a --profile bthome-lywsd03mmc \\
+      --connection 'ble://A4:C1:38:12:34:56?bind_key=231d39c1d7cc1ab1aee224cd096db932'
+""",
+)
 @click.argument("device_id", metavar="DEVICE")
 @site_option
-@click.option("--gateway", "gateway_id", required=True, help="The gateway that polls it.")
+@click.option("--gateway", "gateway_id", required=True, help="The gateway that reaches it.")
 @click.option("--profile", required=True, help="Firmware profile id (see firmware-profiles/).")
 @click.option("--connection", "url", required=True, help="Connection URL (see above).")
 @click.option("--kind", help="display, board, sensor, camera or meter (default: the profile's).")
@@ -618,17 +650,21 @@ def device_add(
     timeout: float | None,
     as_json: bool,
 ) -> None:
-    """Add DEVICE on a gateway."""
     site_id = _site_of(ctx, site_id)
     target = f"device:{site_id}/{device_id}"
-    details = {"gateway": gateway_id, "profile": profile, "connection": url, "room": room_id}
+    details = {
+        "gateway": gateway_id,
+        "profile": profile,
+        "connection": mask_url(url),
+        "room": room_id,
+    }
     with _change(ctx, "device.add", target, details) as (registry, _):
         connection = _connection(url)
         own = _device_settings(interval, timeout)
         added = registry.add_device(
             site_id, device_id, gateway_id, profile, connection, kind, room_id, own
         )
-    _done(as_json, added, f"added {target} on gateway {gateway_id}")
+    _done(as_json, _shown(added, False), f"added {target} on gateway {gateway_id}")
 
 
 def _connection(url: str) -> dict[str, Any]:
@@ -646,18 +682,33 @@ def _device_settings(interval: float | None, timeout: float | None) -> NodeSetti
         raise RegistryError(f"--interval/--timeout: {exc}") from None
 
 
+def _shown(row: dict[str, Any], show_secrets: bool) -> dict[str, Any]:
+    """A device row as printed: with its connection URL, secrets masked unless asked for."""
+    connection = row["connection"] if show_secrets else mask_connection(row["connection"])
+    url = connection_url(row["connection"], mask=not show_secrets)
+    return {**row, "connection": connection, "connection_url": url}
+
+
+show_secrets_option = click.option(
+    "--show-secrets",
+    is_flag=True,
+    help="Show passwords and keys of connections instead of ***.",
+)
+
+
 @device.command("list")
 @click.option("--site", "site_id", help="Only this site's devices.")
 @click.option("--gateway", "gateway_id", help="Only this gateway's devices.")
+@show_secrets_option
 @config_option
 @json_option
 @pass_context
-def device_list(ctx: Context, site_id: str | None, gateway_id: str | None, as_json: bool) -> None:
+def device_list(
+    ctx: Context, site_id: str | None, gateway_id: str | None, show_secrets: bool, as_json: bool
+) -> None:
     """Registered devices (what `devices list` shows is what gateways reported)."""
     with _refusals():
-        rows = _reader(ctx).devices(site_id, gateway_id)
-    for row in rows:
-        row["connection_url"] = connection_url(row["connection"])
+        rows = [_shown(row, show_secrets) for row in _reader(ctx).devices(site_id, gateway_id)]
     if as_json:
         emit_json(rows)
         return
@@ -672,15 +723,17 @@ def device_list(ctx: Context, site_id: str | None, gateway_id: str | None, as_js
 @device.command("show")
 @click.argument("device_id", metavar="DEVICE")
 @site_option
+@show_secrets_option
 @config_option
 @json_option
 @pass_context
-def device_show(ctx: Context, device_id: str, site_id: str | None, as_json: bool) -> None:
+def device_show(
+    ctx: Context, device_id: str, site_id: str | None, show_secrets: bool, as_json: bool
+) -> None:
     """DEVICE, its connection, settings, and which gateway reports it."""
     site_id = _site_of(ctx, site_id)
     with _refusals():
-        shown = _reader(ctx).device(site_id, device_id)
-    shown["connection_url"] = connection_url(shown["connection"])
+        shown = _shown(_reader(ctx).device(site_id, device_id), show_secrets)
     emit_json(shown) if as_json else _print_entity(f"device:{site_id}/{device_id}", shown)
 
 
@@ -708,7 +761,8 @@ def device_move(
     details = {"gateway": gateway_id, "room": room_id, "no_room": no_room}
     with _change(ctx, "device.move", target, details) as (registry, _):
         moved = registry.move_device(site_id, device_id, gateway_id, room_id, clear_room=no_room)
-    _done(as_json, moved, f"moved {target}: gateway {moved['gateway']}, room {moved['room']}")
+    message = f"moved {target}: gateway {moved['gateway']}, room {moved['room']}"
+    _done(as_json, _shown(moved, False), message)
 
 
 @device.command("remove")
@@ -827,7 +881,38 @@ def settings_show(ctx: Context, target_text: str, effective: bool, as_json: bool
 # -- import ------------------------------------------------------------------------------------
 
 
-@click.command("import")
+@click.command(
+    "import",
+    help=f"""Import the inventory spreadsheet FILE (CSV): one row per device.
+
+\b
+Columns (header names in any case; ',' or ';' between cells; UTF-8, BOM or not):
+  site, gateway, device, profile, connection   required
+  building, room, kind, interval_s             optional
+  building_name, room_name                     optional
+
+The connection cell is a URL whose scheme is the protocol of the row's profile:
+
+{URL_HELP}
+Missing sites, buildings, rooms and gateways are created (a new gateway goes in the
+building and room its devices share); listed devices are created or updated. The whole
+file is checked first: with any problem, every bad line is listed and nothing is imported
+(exit 2). Importing the same file again changes nothing. Devices of one gateway cannot
+share a Modbus unit id on one port, a PJLink or ONVIF host and port, an MQTT base topic of
+one broker, or a BLE address.
+
+\b
+Example rows:
+  site,room,gateway,device,profile,connection
+  lycee-a,r-101,gw-a,r101-proj,generic-pjlink-projector,pjlink://:s3cret@[fd00:10::21]
+  lycee-a,r-101,gw-a,r101-board,generic-android-eclass-board,mqtt:///eclass/board-101
+
+\b
+Examples:
+  campus-fleet import inventory.csv --dry-run
+  campus-fleet import inventory.csv --json
+""",
+)
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option(
     "--dry-run", is_flag=True, help="Check the file and count the changes; write nothing."
@@ -836,27 +921,6 @@ def settings_show(ctx: Context, target_text: str, effective: bool, as_json: bool
 @json_option
 @pass_context
 def import_inventory(ctx: Context, file: Path, dry_run: bool, as_json: bool) -> None:
-    """Import the inventory spreadsheet FILE (CSV): one row per device.
-
-    \b
-    Columns (header names in any case; ',' or ';' between cells; UTF-8, BOM or not):
-      site, gateway, device, profile, connection   required
-      building, room, kind, interval_s             optional
-      building_name, room_name                     optional
-    \b
-    connection is a URL: modbus-tcp://HOST[:PORT]?unit=N, modbus-tcp://[fd00::5]:502?unit=1,
-    modbus-rtu:///dev/ttyUSB0?unit=3&baudrate=9600&parity=E&stopbits=1 (+ timeout_s, retries).
-
-    Missing sites, buildings, rooms and gateways are created (a new gateway goes in the
-    building and room its devices share); listed devices are created or updated. The whole
-    file is checked first: with any problem, every bad line is listed and nothing is imported
-    (exit 2). Importing the same file again changes nothing.
-
-    \b
-    Examples:
-      campus-fleet import inventory.csv --dry-run
-      campus-fleet import inventory.csv --json
-    """
     store = ctx.writable_store()
     registry = Registry(store, profiles_dir=_profiles_dir(ctx))
     try:

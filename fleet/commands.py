@@ -3,7 +3,9 @@
 A command row is `pending` until the service published it on the gateway's `…/cmd` topic, then
 `sent`, then the outcome the gateway reported (`ok`, `device_error`, …), or `timeout` when no
 answer came before its deadline. Each row's id is the correlation id that travels with the
-request and comes back with the result.
+request and comes back with the result. A command carries its argument and named options
+(`--minutes 10`), checked against every targeted device's profile before it is queued
+(`check_command`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from drivers.profile_base import Argument
 from drivers.profiles import ProfileLibrary
 from fleet.store import Store
 from wire.control import CommandOutcome, CommandRequest, CommandResult
@@ -36,6 +40,60 @@ def new_id() -> str:
     return secrets.token_hex(8)
 
 
+def check_command(
+    library: ProfileLibrary,
+    targets: Sequence[Target],
+    action: str,
+    argument: Any,
+    options: Mapping[str, Any],
+) -> tuple[dict[str, Any], list[str]]:
+    """Checks the argument and the named options against the profile of every target whose
+    profile has the action (the others are answered `unknown_action` by `Commands.queue`).
+    Returns the options as they are sent — typed (10, not "10") where every profile takes the
+    option as the same number or on/off, else as given — and what is wrong, one line per
+    profile naming it and some of its devices ([]: the command can be sent)."""
+    devices: dict[str, list[str]] = {}
+    for target in targets:
+        devices.setdefault(target.profile, []).append(target.device)
+    problems: list[str] = []
+    specs: dict[str, list[Argument]] = {name: [] for name in options}
+    for profile_id, names in sorted(devices.items()):
+        profile = library.profiles.get(profile_id)
+        command = next((c for c in profile.commands if c.name == action), None) if profile else None
+        if command is None:
+            continue
+        where = f"profile {profile_id} ({_some(names)})"
+        try:
+            command.check_argument(argument)
+        except ValueError as exc:
+            problems.append(f"{where}: argument: {exc}")
+        try:
+            command.check_options(options)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+        for name in options:
+            if name in command.options:
+                specs[name].append(command.options[name])
+    typed = {name: _typed(value, specs[name]) for name, value in options.items()}
+    return typed, problems
+
+
+def _typed(value: Any, specs: list[Argument]) -> Any:
+    """A number or on/off given as text, as that type when every profile agrees on it."""
+    kinds = {spec.type for spec in specs}
+    if not isinstance(value, str) or len(kinds) != 1 or kinds - {"int", "float", "bool"}:
+        return value
+    try:
+        return specs[0].check(value)
+    except ValueError:
+        return value
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 class Commands:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -50,11 +108,13 @@ class Commands:
         timeout_s: float,
         actor: str,
         library: ProfileLibrary | None,
+        options: Mapping[str, Any] | None = None,
     ) -> str:
         """Queues one command per device; a device whose profile lacks the action gets its
         answer at once (`unknown_action`) and nothing is sent to it. Returns the batch id.
         Without `library` (the gateway's own `policy` pseudo-device) nothing is checked here:
-        the gateway checks."""
+        the gateway checks. Arguments and options are checked before (`check_command`)."""
+        options_json = json.dumps(dict(options or {}))
         batch = new_id()
         now = time.time_ns()
         deadline = now + int(timeout_s * 1e9)
@@ -84,6 +144,7 @@ class Commands:
                     target.device,
                     action,
                     json.dumps(argument),
+                    options_json,
                     actor,
                     status,
                     error,
@@ -95,8 +156,8 @@ class Commands:
         with self.store.transaction():
             self.conn.executemany(
                 "INSERT INTO commands (id, batch, site, gateway, device, action, argument, "
-                "actor, status, error, created_ns, deadline_ns, done_ns) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "options, actor, status, error, created_ns, deadline_ns, done_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
         return batch
@@ -114,6 +175,7 @@ class Commands:
                     device=r["device"],
                     action=r["action"],
                     argument=json.loads(r["argument"]),
+                    options=json.loads(r["options"] or "{}"),
                     issued_ns=r["created_ns"],
                     deadline_ns=r["deadline_ns"],
                 ),

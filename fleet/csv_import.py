@@ -3,22 +3,28 @@
 Rules: the whole file is checked before anything is written and every problem is reported with
 its line; a file with one problem imports nothing. A clean file is applied in one transaction
 through the registry's upserts, so importing the same file again changes nothing. Connections are
-written as URLs a spreadsheet cell can hold (`connection_url()` is the inverse of the parser).
+written as URLs a spreadsheet cell can hold, one scheme per connection type (`connection_url()`
+is the inverse of the parser); passwords and keys are shown masked (`mask=True`,
+`mask_connection()`), and parse errors never repeat a password.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from drivers.ble.connection import MAC_PATTERN
+from drivers.profile_base import to_bool
 from drivers.profiles import DeviceKind
 from drivers.registry import Connection
 from fleet.registry import (
@@ -41,59 +47,266 @@ COLUMNS = (*REQUIRED, *OPTIONAL)
 IDS = ("site", "building", "room", "gateway", "device")
 LEVELS = ("sites", "buildings", "rooms", "gateways", "devices")
 
-URL_FORMS = "modbus-tcp://HOST[:PORT]?unit=N or modbus-rtu:///dev/ttyUSB0?unit=N&baudrate=9600"
-_COMMON: dict[str, type] = {"unit": int, "timeout_s": float, "retries": int, "max_gap": int}
-_OPTIONS: dict[str, dict[str, type]] = {
-    "modbus-tcp": _COMMON,
-    "modbus-rtu": {**_COMMON, "baudrate": int, "parity": str, "stopbits": int},
-}
-_QUERY_ORDER = ("unit", "baudrate", "parity", "stopbits", "timeout_s", "retries", "max_gap")
-
-
 # -- connection URLs ---------------------------------------------------------------------------
 
 
+_FORMS = {
+    "modbus-tcp": "modbus-tcp://HOST[:PORT]?unit=N",
+    "modbus-rtu": "modbus-rtu:///dev/PORT?unit=N",
+    "pjlink": "pjlink://[:PASSWORD@]HOST[:PORT]",
+    "mqtt": "mqtt://[USER[:PASSWORD]@][HOST[:PORT]]/BASE/TOPIC (mqtts:// for TLS)",
+    "onvif": "onvif://[USER:PASSWORD@]HOST[:PORT][/PATH][?rtsp=URL]",
+    "ble": "ble://AA:BB:CC:DD:EE:FF",
+}
+URL_FORMS = ", ".join(_FORMS.values())
+
+SECRET = "***"
+#: Connection fields that are secrets: masked wherever a connection is shown.
+SECRET_FIELDS = ("password", "bind_key")
+
+_Convert = Callable[[str, str], Any]
+
+
+def _int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a whole number") from None
+
+
+def _float(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a number") from None
+
+
+def _upper(_name: str, value: str) -> str:
+    return value.upper()
+
+
+def _flag(name: str, value: str) -> bool:
+    try:
+        return to_bool(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not 1 or 0 (true or false)") from None
+
+
+def _rtsp(name: str, value: str) -> str:
+    if not value.lower().startswith("rtsp://"):
+        raise ValueError(
+            f"{name}= must be an rtsp:// URL (percent-encoded or not), e.g. "
+            "rtsp=rtsp://[fd00::30]:554/stream1"
+        )
+    return value
+
+
+def _adapter(name: str, value: str) -> str:
+    if not re.fullmatch(r"hci\d{1,2}", value):
+        raise ValueError(f"{name}={value!r} is not a Bluetooth adapter (hci0, hci1, …)")
+    return value
+
+
+def _bind_key(name: str, value: str) -> str:
+    if not re.fullmatch(r"[0-9A-Fa-f]{32}", value):
+        raise ValueError(f"{name} must be the sensor's 32 hex digits (got {len(value)} characters)")
+    return value.lower()
+
+
+def _text(_name: str, value: str) -> str:
+    return value
+
+
+def _by_type(annotation: Any) -> _Convert:
+    """The converter of a connection field the tables below do not name, from its type."""
+    types = _base_types(annotation)
+    if bool in types:
+        return _flag
+    if int in types:
+        return _int
+    if float in types:
+        return _float
+    return _text
+
+
+def _base_types(annotation: Any) -> set[Any]:
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _base_types(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        return set().union(*(_base_types(arg) for arg in get_args(annotation)))
+    if origin is Literal:
+        return {type(arg) for arg in get_args(annotation)}
+    return {annotation}
+
+
+_MODELS: dict[str, type[BaseModel]] = {
+    model.model_fields["type"].annotation.__args__[0]: model
+    for model in get_args(get_args(Connection)[0])
+}
+#: fields written in the URL itself (scheme, user, password, host, port, path), not after '?'
+_IN_URL = {
+    "modbus-tcp": {"host", "port"},
+    "modbus-rtu": {"port"},
+    "pjlink": {"host", "port", "password"},
+    "mqtt": {"host", "port", "username", "password", "topic"},
+    "onvif": {"host", "port", "path", "username", "password"},
+    "ble": {"address"},
+}
+#: options with their own name or check; every other field of the connection is an option
+#: under its own name, converted by its type (new connection fields need no change here)
+_NAMED: dict[str, dict[str, tuple[str, _Convert]]] = {
+    "modbus-tcp": {"unit": ("unit", _int)},
+    "modbus-rtu": {
+        "unit": ("unit", _int),
+        "baudrate": ("baudrate", _int),
+        "parity": ("parity", _upper),
+        "stopbits": ("stopbits", _int),
+    },
+    "mqtt": {"tls": ("tls", _flag)},
+    "onvif": {"rtsp": ("rtsp_url", _rtsp), "https": ("https", _flag)},
+    "ble": {"adapter": ("adapter", _adapter), "bind_key": ("bind_key", _bind_key)},
+}
+
+
+def _options_of(kind: str) -> dict[str, tuple[str, _Convert]]:
+    """query option -> (connection field, converter), in the order URLs are written."""
+    named = _NAMED.get(kind, {})
+    taken = _IN_URL[kind] | {"type"} | {field_name for field_name, _ in named.values()}
+    fields = _MODELS[kind].model_fields
+    rest = {
+        name: (name, _by_type(info.annotation))
+        for name, info in fields.items()
+        if name not in taken
+    }
+    return {**named, **rest}
+
+
+_OPTIONS: dict[str, dict[str, tuple[str, _Convert]]] = {
+    scheme: _options_of("mqtt" if scheme == "mqtts" else scheme)
+    for scheme in ("modbus-tcp", "modbus-rtu", "pjlink", "mqtt", "mqtts", "onvif", "ble")
+}
+SCHEMES = tuple(_OPTIONS)
+#: Every form with an example, for the --help of `device add` and `import` (click prints
+#: paragraphs that start with \b as they are).
+_URL_HELP = """\b
+  modbus-tcp://192.168.10.21?unit=1        Modbus TCP (port 502 unless given)
+  modbus-tcp://[fd00::5]:1502?unit=3       an IPv6 address goes in brackets
+  modbus-rtu:///dev/ttyUSB0?unit=3&baudrate=9600&parity=E&stopbits=1
+                                           Modbus RTU (RS-485): three slashes
+  pjlink://[fd00:10::21]                   PJLink projector or display (port 4352)
+  pjlink://:s3cret@10.1.2.21:4352          ... whose PJLink password is s3cret (no user)
+  mqtt:///eclass/board-101                 MQTT device on the gateway's own broker,
+                                           base topic eclass/board-101
+  mqtts://board:s3cret@broker.example/eclass/board-101
+                                           ... on another broker, with TLS (port 8883)
+  onvif://admin:s3cret@[fd00::30]?rtsp=rtsp://[fd00::30]:554/stream1
+                                           ONVIF camera (port 80, /onvif/device_service)
+                                           and the stream its RTSP check probes
+  ble://A4:C1:38:12:34:56                  BLE sensor (BTHome adverts), adapter hci0
+  ble://A4:C1:38:12:34:56?bind_key=231d39c1d7cc1ab1aee224cd096db932
+                                           ... that encrypts its adverts
+
+\b
+  Options after '?', name=value joined by '&' (on/off as 1/0):
+{options}
+\b
+  In passwords and topics, percent-encode what URLs reserve (@ as %40, / as %2F, # as %23,
+  ? as %3F). Tables and --json show passwords and keys as ***.
+"""
+
+URL_HELP = _URL_HELP.format(
+    options="".join(
+        f"    {scheme:<12}{', '.join(options)}\n"
+        for scheme, options in _OPTIONS.items()
+        if scheme != "mqtts"
+    )
+)
+MQTT_TLS_PORT = 8883
+HTTPS_PORT = 443
+
+
 def parse_connection_url(text: str) -> dict[str, Any]:
-    """`modbus-tcp://HOST[:PORT]?unit=N` ([IPv6] in brackets) or
-    `modbus-rtu:///dev/PORT?unit=N&baudrate=9600&parity=E&stopbits=1` (+ timeout_s, retries,
-    max_gap) as the dict a `Connection` validates. Raises ValueError saying what is wrong."""
+    """A connection URL (see `URL_FORMS`; an IPv6 host in brackets) as the dict a `Connection`
+    validates. Raises ValueError saying what is wrong, never repeating a password."""
     text = text.strip()
-    scheme, sep, _ = text.partition("://")
+    scheme, sep, rest = text.partition("://")
     scheme = scheme.lower()
     if not sep:
-        raise ValueError(f"{text!r} is not a connection URL ({URL_FORMS})")
+        raise ValueError(f"{mask_url(text)!r} is not a connection URL ({URL_FORMS})")
     if scheme not in _OPTIONS:
-        raise ValueError(f"unknown scheme {scheme!r} (use modbus-tcp:// or modbus-rtu://)")
+        known = ", ".join(f"{name}://" for name in SCHEMES)
+        raise ValueError(f"unknown scheme {scheme!r} (use {known})")
+    if "#" in rest:
+        if scheme in ("mqtt", "mqtts"):
+            raise ValueError("'#' is a wildcard: the base topic names one device (no + or #)")
+        fragment = rest.partition("#")[2]
+        raise ValueError(f"unexpected '#{fragment}' (write '#' as %23)")
+    if scheme == "ble":
+        return _ble(rest)
     try:
         parts = urlsplit(text)
     except ValueError as exc:
-        raise ValueError(f"{text!r} is not a valid URL: {exc}") from None
-    if parts.fragment:
-        raise ValueError(f"unexpected '#{parts.fragment}' in {text!r}")
+        raise ValueError(f"{mask_url(text)!r} is not a valid URL: {exc}") from None
     options = _query(parts.query, scheme)
     if scheme == "modbus-rtu":
         return {"type": scheme, "port": _serial_port(parts.netloc, parts.path), **options}
-    return {"type": scheme, **_tcp_address(parts.netloc, parts.path), **options}
+    if scheme == "modbus-tcp":
+        if "@" in parts.netloc:
+            raise ValueError("a Modbus TCP URL takes no user or password")
+        _no_path(scheme, parts.path)
+        return {"type": scheme, **_address(scheme, parts.netloc).place(), **options}
+    if scheme == "pjlink":
+        return _pjlink(parts.netloc, parts.path, options)
+    if scheme in ("mqtt", "mqtts"):
+        return _mqtt(scheme, parts.netloc, parts.path, options)
+    return _onvif(parts.netloc, parts.path, options)
 
 
-def _tcp_address(netloc: str, path: str) -> dict[str, Any]:
-    if path not in ("", "/"):
-        raise ValueError(f"unexpected path {path!r} after the host (options go after '?')")
-    if "@" in netloc:
-        raise ValueError("a Modbus TCP URL takes no user or password")
-    parts = urlsplit(f"//{netloc}")
+@dataclass(frozen=True)
+class _Address:
+    user: str | None
+    password: str | None
+    host: str | None
+    port: int | None
+
+    def place(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"host": self.host} if self.host else {}
+        if self.port is not None:
+            found["port"] = self.port
+        return found
+
+
+_DEFAULT_PORTS = {"modbus-tcp": 502, "pjlink": 4352, "mqtt": 1883, "mqtts": 8883, "onvif": 80}
+
+
+def _address(scheme: str, netloc: str, *, host_required: bool = True) -> _Address:
+    """USER:PASSWORD@HOST:PORT, each part percent-decoded (the host is lowercased)."""
+    userinfo, at, hostport = netloc.rpartition("@")
+    parts = urlsplit(f"//{hostport}")
     try:
         port = parts.port
     except ValueError:
+        example = f"{scheme}://[fd00::5]:{_DEFAULT_PORTS.get(scheme, 80)}"
         raise ValueError(
-            f"bad port in {netloc!r} (an IPv6 address goes in brackets: modbus-tcp://[fd00::5]:502)"
+            f"bad port in {hostport!r} (an IPv6 address goes in brackets: {example})"
         ) from None
-    if not parts.hostname:
-        raise ValueError(f"no host in modbus-tcp://{netloc} ({URL_FORMS})")
-    address: dict[str, Any] = {"host": parts.hostname}
-    if port is not None:
-        address["port"] = port
-    return address
+    if host_required and not parts.hostname:
+        form = _FORMS[scheme.removesuffix("s") if scheme == "mqtts" else scheme]
+        raise ValueError(f"no host in {scheme}://{mask_netloc(netloc)} ({form})")
+    user = password = None
+    if at:
+        user_text, colon, password_text = userinfo.partition(":")
+        user = unquote(user_text) if user_text else None
+        password = unquote(password_text) if colon else None
+    return _Address(user, password, parts.hostname, port)
+
+
+def _no_path(scheme: str, path: str) -> None:
+    if path not in ("", "/"):
+        raise ValueError(
+            f"unexpected path {path!r} after the host of a {scheme} URL (options go after '?')"
+        )
 
 
 def _serial_port(netloc: str, path: str) -> str:
@@ -103,6 +316,84 @@ def _serial_port(netloc: str, path: str) -> str:
             f"(three slashes), not modbus-rtu://{netloc}{path}"
         )
     return unquote(path)
+
+
+def _pjlink(netloc: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
+    _no_path("pjlink", path)
+    address = _address("pjlink", netloc)
+    if address.user is not None:
+        raise ValueError(
+            "PJLink has no user name: write the password after a colon, pjlink://:PASSWORD@HOST"
+        )
+    found: dict[str, Any] = {"type": "pjlink", **address.place()}
+    if address.password is not None:
+        if not address.password:
+            raise ValueError("empty PJLink password (leave ':@' out when the display has none)")
+        found["password"] = address.password
+    return {**found, **options}
+
+
+def _mqtt(scheme: str, netloc: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
+    address = _address(scheme, netloc, host_required=False)
+    if not address.host and (address.port is not None or address.user is not None):
+        raise ValueError(
+            f"a port or a user needs a host: {scheme}://USER@HOST:PORT/TOPIC, not "
+            f"{scheme}://{mask_netloc(netloc)}"
+        )
+    topic = unquote(path[1:]) if path.startswith("/") else ""
+    if not topic:
+        raise ValueError(
+            f"no base topic: {scheme}://[HOST]/BASE/TOPIC, e.g. mqtt:///eclass/board-101 "
+            "(the gateway's own broker) or mqtt://[fd00::1]:1883/eclass/board-101"
+        )
+    if "+" in topic or "#" in topic:
+        raise ValueError(f"base topic {topic!r} has a wildcard (+ or #): name one device's topic")
+    if topic.endswith("/"):
+        raise ValueError(f"base topic {topic!r} ends in '/': leave the last '/' out")
+    if "\x00" in topic:
+        raise ValueError("base topic contains a NUL character")
+    found: dict[str, Any] = {"type": "mqtt", **address.place(), "topic": topic}
+    if address.user is not None:
+        found["username"] = address.user
+    if address.password is not None:
+        if address.user is None:
+            raise ValueError("an MQTT password needs a user name: mqtt://USER:PASSWORD@HOST/TOPIC")
+        found["password"] = address.password
+    if scheme == "mqtts":
+        if options.get("tls") is False:
+            raise ValueError("mqtts:// is MQTT over TLS: tls=0 contradicts it")
+        options = {**options, "tls": True}
+    if options.get("tls") and "port" not in found:
+        found["port"] = MQTT_TLS_PORT
+    return {**found, **options}
+
+
+def _onvif(netloc: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
+    address = _address("onvif", netloc)
+    found: dict[str, Any] = {"type": "onvif", **address.place()}
+    if path not in ("", "/"):
+        found["path"] = path
+    if address.user is not None:
+        found["username"] = address.user
+    if address.password is not None:
+        if address.user is None:
+            raise ValueError("an ONVIF password needs a user name: onvif://USER:PASSWORD@HOST")
+        found["password"] = address.password
+    if options.get("https") and "port" not in found:
+        found["port"] = HTTPS_PORT
+    return {**found, **options}
+
+
+def _ble(rest: str) -> dict[str, Any]:
+    """By hand: the colons of a MAC address in a netloc confuse urlsplit."""
+    body, _, query = rest.partition("?")
+    address = unquote(body.removesuffix("/")).replace("-", ":").upper()
+    if not re.fullmatch(MAC_PATTERN, address):
+        raise ValueError(
+            f"{body!r} is not a Bluetooth address: six pairs of hex digits, "
+            "e.g. ble://A4:C1:38:12:34:56"
+        )
+    return {"type": "ble", "address": address, **_query(query, "ble")}
 
 
 def _query(query: str, scheme: str) -> dict[str, Any]:
@@ -116,40 +407,115 @@ def _query(query: str, scheme: str) -> dict[str, Any]:
         raise ValueError(f"option {repeated[0]!r} is given twice")
     options: dict[str, Any] = {}
     for name, value in pairs:
-        kind = allowed.get(name)
-        if kind is None:
-            raise ValueError(
-                f"unknown option {name!r} for {scheme} (options: {', '.join(allowed)})"
-            )
-        options[name] = _option(name, value, kind)
+        if name not in allowed:
+            known = ", ".join(allowed)
+            raise ValueError(f"unknown option {name!r} for {scheme} (options: {known})")
+        field_name, convert = allowed[name]
+        options[field_name] = convert(name, value)
     return options
 
 
-def _option(name: str, value: str, kind: type) -> Any:
-    if kind is str:
-        return value.upper()
-    try:
-        return kind(value)
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise ValueError(f"{name}={value!r} is not {what}") from None
-
-
-def connection_url(connection: Connection | Mapping[str, Any]) -> str:
-    """The URL of a connection (the inverse of `parse_connection_url`)."""
+def connection_url(connection: Connection | Mapping[str, Any], *, mask: bool = False) -> str:
+    """The URL of a connection (the inverse of `parse_connection_url`); `mask` writes
+    passwords and keys as ***."""
     data = (
         dict(connection)
         if isinstance(connection, Mapping)
         else connection.model_dump(mode="json", exclude_unset=True)
     )
-    query = urlencode([(name, data[name]) for name in _QUERY_ORDER if name in data])
-    suffix = f"?{query}" if query else ""
-    if data["type"] == "modbus-rtu":
-        return f"modbus-rtu://{quote(str(data['port']))}{suffix}"
-    host = str(data["host"])
-    host = f"[{host}]" if ":" in host else host
-    port = f":{data['port']}" if "port" in data else ""
-    return f"modbus-tcp://{host}{port}{suffix}"
+    kind = str(data["type"])
+    query = _query_text(data, kind, mask)
+    if kind == "modbus-rtu":
+        return f"modbus-rtu://{quote(str(data['port']))}{query}"
+    if kind == "ble":
+        return f"ble://{data['address']}{query}"
+    if kind == "modbus-tcp":
+        return f"modbus-tcp://{_host_port(data['host'], data.get('port'))}{query}"
+    userinfo = _userinfo(data.get("username"), data.get("password"), mask)
+    if kind == "pjlink":
+        return f"pjlink://{userinfo}{_host_port(data['host'], data.get('port'))}{query}"
+    if kind == "onvif":
+        port = _port(data, bool(data.get("https")), 80, HTTPS_PORT)
+        path = str(data.get("path", ""))
+        where = _host_port(data["host"], port)
+        return f"onvif://{userinfo}{where}{'' if path == '/' else path}{query}"
+    tls = bool(data.get("tls"))
+    port = _port(data, tls, 1883, MQTT_TLS_PORT)
+    host = data.get("host")
+    if host is None and (port is not None or userinfo):
+        host = "localhost"  # the default, written out: a port or user needs a host before it
+    where = "" if host is None else _host_port(str(host), port)
+    topic = quote(str(data["topic"]), safe="/")
+    return f"{'mqtts' if tls else 'mqtt'}://{userinfo}{where}/{topic}{query}"
+
+
+def _port(data: Mapping[str, Any], secure: bool, plain: int, secured: int) -> int | None:
+    """The port to write: none when it is what the URL implies (given, or the secure default
+    for mqtts:// and https=1), else the one set (or the plain default under TLS)."""
+    if secure:
+        port = int(data.get("port", plain))
+        return None if port == secured else port
+    return None if data.get("port") is None else int(data["port"])
+
+
+def _host_port(host: str, port: int | None) -> str:
+    where = f"[{host}]" if ":" in host else host
+    return where if port is None else f"{where}:{port}"
+
+
+def _userinfo(user: str | None, password: str | None, mask: bool) -> str:
+    if user is None and password is None:
+        return ""
+    name = quote(user, safe="") if user is not None else ""
+    return f"{name}:{_secret(password, mask)}@" if password is not None else f"{name}@"
+
+
+def _secret(value: str, mask: bool) -> str:
+    return SECRET if mask else quote(value, safe="")
+
+
+def _query_text(data: Mapping[str, Any], scheme: str, mask: bool) -> str:
+    pairs: list[tuple[str, Any]] = []
+    kind = str(data["type"])
+    for name, (field_name, _convert) in _OPTIONS[scheme].items():
+        value = data.get(field_name)
+        if value is None or (scheme == "mqtt" and name == "tls"):
+            continue  # tls is the scheme: mqtts://
+        if isinstance(value, bool):
+            if value != _MODELS[kind].model_fields[field_name].default:
+                pairs.append((name, int(value)))
+            continue
+        if field_name in SECRET_FIELDS and mask:
+            value = SECRET
+        elif field_name == "rtsp_url" and mask:
+            value = mask_url(str(value))
+        elif isinstance(value, float):
+            value = f"{value:g}"  # 3, not 3.0
+        pairs.append((name, value))
+    return f"?{urlencode(pairs, safe=':/@[]*')}" if pairs else ""
+
+
+def mask_url(text: str) -> str:
+    """The text with the password of every URL in it written as ***."""
+    return _URL_PASSWORD.sub(rf"\1{SECRET}@", text)
+
+
+def mask_netloc(netloc: str) -> str:
+    return mask_url(f"//{netloc}")[2:]
+
+
+def mask_connection(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A connection as a dict, its passwords and keys written as *** (also one in an RTSP URL)."""
+    masked = dict(data)
+    for name in SECRET_FIELDS:
+        if masked.get(name) is not None:
+            masked[name] = SECRET
+    if isinstance(masked.get("rtsp_url"), str):
+        masked["rtsp_url"] = mask_url(masked["rtsp_url"])
+    return masked
+
+
+_URL_PASSWORD = re.compile(r"(//[^/?#@:\[\]]*:)[^/?#]*@")
 
 
 # -- reading and checking the file --------------------------------------------------------------

@@ -8,6 +8,7 @@ room's building, always. What gateways report (tables `gateways`, `devices`) is 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,7 +19,11 @@ from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import TypeAdapter, ValidationError
 
+from drivers.ble.connection import BleConnection
+from drivers.camera.connection import OnvifConnection
 from drivers.modbus.driver import ModbusRtuConnection, ModbusTcpConnection
+from drivers.mqtt.connection import MqttDeviceConnection
+from drivers.pjlink.connection import PjlinkConnection
 from drivers.profiles import AnyProfile, DeviceKind, ProfileLibrary
 from drivers.registry import PROTOCOL_OF_CONNECTION, Connection
 from fleet.settings import (
@@ -33,6 +38,7 @@ from fleet.store import Store
 from fleet.timefmt import iso
 from wire.errors import DocumentError, problems_from
 from wire.gateway_config import RESERVED_DEVICE_IDS
+from wire.net import host_port
 from wire.topics import check_id
 
 Level = Literal["site", "building", "room", "gateway", "device"]
@@ -151,14 +157,21 @@ def parse_connection(data: Connection | Mapping[str, Any]) -> Connection:
 
 
 def bus_conflicts(devices: Sequence[tuple[str, Connection]]) -> list[tuple[str, str]]:
-    """(device, why) for devices of one gateway that cannot share its buses: devices on one
-    serial port need the same line settings, and one unit id answers once per port or host."""
+    """(device, why) for devices of one gateway that cannot share what reaches them: devices on
+    one serial port need the same line settings, and one Modbus unit id answers once per port or
+    host; one PJLink display or ONVIF camera listens on a host and port, one MQTT device
+    publishes under a base topic of a broker, one BLE device has an address."""
     problems: list[tuple[str, str]] = []
     lines: dict[str, tuple[str, tuple[int, str, int]]] = {}
     units: dict[tuple[str, int], str] = {}
+    endpoints: dict[tuple[Any, ...], str] = {}
     for device, connection in devices:
         if not isinstance(connection, ModbusTcpConnection | ModbusRtuConnection):
-            continue  # one PJLink, MQTT, ONVIF or BLE device per connection: nothing to share
+            key, where = _endpoint(connection)
+            other = endpoints.setdefault(key, device)
+            if other != device:
+                problems.append((device, f"{where} is device {other} already"))
+            continue
         if connection.type == "modbus-rtu":
             bus = connection.port
             first, line = lines.setdefault(bus, (device, connection.line()))
@@ -172,12 +185,36 @@ def bus_conflicts(devices: Sequence[tuple[str, Connection]]) -> list[tuple[str, 
                 )
                 continue
         else:
-            host = f"[{connection.host}]" if ":" in connection.host else connection.host
-            bus = f"{host}:{connection.port}"
+            bus = host_port(connection.host, connection.port)
         other = units.setdefault((bus, connection.unit), device)
         if other != device:
             problems.append((device, f"unit {connection.unit} at {bus} is device {other} already"))
     return problems
+
+
+def _endpoint(
+    connection: PjlinkConnection | MqttDeviceConnection | OnvifConnection | BleConnection,
+) -> tuple[tuple[Any, ...], str]:
+    """What only one device may be at (a key compared across devices) and how to name it."""
+    if isinstance(connection, BleConnection):
+        return ("ble", connection.address.upper()), f"BLE address {connection.address}"
+    host = _host_key(connection.host)
+    where = host_port(connection.host, connection.port)
+    if isinstance(connection, MqttDeviceConnection):
+        return (
+            ("mqtt", host, connection.port, connection.topic),
+            f"MQTT base topic {connection.topic!r} on broker {where}",
+        )
+    what = "PJLink" if isinstance(connection, PjlinkConnection) else "ONVIF"
+    return ("tcp", host, connection.port), f"{what} endpoint {where}"
+
+
+def _host_key(host: str) -> str:
+    """One spelling per host: fd00:0::1 is fd00::1, names are case-blind."""
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host.lower()
 
 
 def _line(line: tuple[int, str, int]) -> str:

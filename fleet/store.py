@@ -252,6 +252,7 @@ TABLES: dict[str, TableSpec] = {
             "device": str,
             "action": str,
             "argument": str,
+            "options": str,  # JSON {name: value} of the command's named options (NULL: none)
             "actor": str,
             "status": str,
             "result": str,

@@ -406,11 +406,11 @@ def test_commands_reach_devices_and_every_device_answers(fleet: Fleet) -> None:
     assert refused.returncode == 1
     (answer,) = json.loads(refused.stdout)["results"]
     assert answer["status"] == "unknown_action"
-    # A bad argument is refused by the gateway, named.
+    # A bad argument is refused by the fleet against the profile, before anything is sent.
     bad = fleet.cli("cmd", "rel-02", "set_relay_1", '"maybe"', "--json")
-    assert bad.returncode == 1
-    (answer,) = json.loads(bad.stdout)["results"]
-    assert answer["status"] == "bad_argument", answer
+    assert bad.returncode == 2, bad.stderr
+    assert "profile wirenboard-wb-mr6xv (rel-02): argument:" in bad.stderr, bad.stderr
+    assert "nothing sent" in bad.stderr
 
 
 def test_a_gateway_offline_during_a_push_applies_it_when_it_returns(fleet: Fleet) -> None:
