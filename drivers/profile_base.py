@@ -8,6 +8,7 @@ object id…); `drivers/profiles.py` puts them together and loads the files.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -120,11 +121,13 @@ class Point(PointBase):
                 return str(value)[:256], None
             if isinstance(value, bool) or not isinstance(value, int | float | str):
                 return None, f"expected a number, got {value!r:.40}"
-            number: int | float = int(value) if self.type is ValueType.INT else float(value)
-        except (TypeError, ValueError):
+            number: int | float = float(value)
+            if not math.isfinite(number):
+                return None, f"not a finite number: {value!r:.40}"
+            if self.type is ValueType.INT:
+                number = int(value) if isinstance(value, int | str) else int(number)
+        except (TypeError, ValueError, OverflowError):
             return None, f"expected {self.type.value}, got {value!r:.40}"
-        if isinstance(number, float) and number != number:  # NaN
-            return None, "not a number (NaN)"
         if self.min is not None and number < self.min:
             return None, f"{number} below the valid minimum {self.min}"
         if self.max is not None and number > self.max:

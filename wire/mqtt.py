@@ -98,7 +98,7 @@ class Will:
     retain: bool = True
 
 
-def _wakeup_pair() -> tuple[socket.socket, socket.socket]:
+def wakeup_pair() -> tuple[socket.socket, socket.socket]:
     """paho's loop wakes on a socket pair that it makes over TCP on 127.0.0.1, which fails where
     there is no IPv4 loopback (an IPv6-only host); a Unix socket pair does the same job."""
     reader, writer = socket.socketpair()
@@ -144,7 +144,7 @@ class MqttLink:
         )
         client.max_inflight_messages_set(max_inflight)
         client.max_queued_messages_set(0)
-        client._sockpairR, client._sockpairW = _wakeup_pair()
+        client._sockpairR, client._sockpairW = wakeup_pair()
         if settings.username is not None:
             password = None
             if settings.password_file is not None:
