@@ -205,9 +205,12 @@ def check_against_profiles(
         if not targets:
             field, line = where("schedules", index)
             problems.append(Problem(field, "no device of this config matches the schedule", line))
+        checked: set[str] = set()
         for device in targets:
             profile = library.get(device.profile)
-            if all(command.name != schedule.action for command in profile.commands):
+            try:
+                command = profile.command(schedule.action)
+            except KeyError:
                 field, line = where("schedules", index, "action")
                 problems.append(
                     Problem(
@@ -217,4 +220,14 @@ def check_against_profiles(
                         line,
                     )
                 )
+                continue
+            if profile.id in checked:
+                continue
+            checked.add(profile.id)
+            try:
+                command.check_argument(schedule.argument)
+                command.check_options(schedule.options)
+            except ValueError as exc:
+                field, line = where("schedules", index)
+                problems.append(Problem(field, f"{schedule.action} on {profile.id}: {exc}", line))
     return problems
