@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import subprocess
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from drivers.modbus.profile import ModbusProfile
 from drivers.profiles import ProfileLibrary
+from simulator.camera_server import serve_camera
 from simulator.modbus_server import (
     Fault,
     ListenError,
@@ -25,9 +27,12 @@ from simulator.modbus_server import (
     serve_rtu,
     serve_tcp,
 )
+from simulator.pjlink_server import scaled_clock, serve_projector
 from simulator.processes import stop_group
 from simulator.scenario import RtuBus, Scenario, SimulatedDevice
 from simulator.values import DeviceValues
+
+log = logging.getLogger(__name__)
 
 
 def scenario_clock(scenario: Scenario) -> Callable[[], float]:
@@ -94,15 +99,38 @@ async def run_scenario(scenario: Scenario, library: ProfileLibrary) -> None:
         endpoints[spec.endpoint].append(build_device(spec, library, clock))
     buses = {bus.name: bus for bus in scenario.rtu_buses}
     with contextlib.ExitStack() as stack:
-        async with asyncio.TaskGroup() as group:
-            for endpoint, devices in endpoints.items():
-                kind, _, where = endpoint.partition(":")
-                if kind == "tcp":
-                    host, _, port = where.rpartition(":")
-                    group.create_task(serve_tcp(devices, host, int(port)), name=endpoint)
-                else:
-                    bus = buses[where]
-                    port_path = stack.enter_context(pty_pair(bus))
-                    group.create_task(
-                        serve_rtu(devices, str(port_path), bus.baudrate), name=endpoint
-                    )
+        async with contextlib.AsyncExitStack() as servers:
+            await _serve_others(scenario, servers)
+            await _serve_modbus(endpoints, buses, stack)
+
+
+async def _serve_others(scenario: Scenario, servers: contextlib.AsyncExitStack) -> None:
+    """Starts the projectors and cameras; they serve until `servers` closes."""
+    lamp_clock = scaled_clock(scenario.time_scale)
+    for projector in scenario.projectors:
+        server = await servers.enter_async_context(serve_projector(projector, lamp_clock))
+        log.info("projector %s: PJLink on %s", projector.id, server.address)
+    for camera in scenario.cameras:
+        running = await servers.enter_async_context(serve_camera(camera))
+        log.info("camera %s: ONVIF %s, RTSP %s", camera.id, running.onvif_url, running.rtsp_url)
+
+
+async def _serve_modbus(
+    endpoints: dict[str, list[SimulatedModbusDevice]],
+    buses: dict[str, RtuBus],
+    stack: contextlib.ExitStack,
+) -> None:
+    """Serves the Modbus endpoints until cancelled (and waits the same way when there is none)."""
+    if not endpoints:
+        await asyncio.Event().wait()
+        return
+    async with asyncio.TaskGroup() as group:
+        for endpoint, devices in endpoints.items():
+            kind, _, where = endpoint.partition(":")
+            if kind == "tcp":
+                host, _, port = where.rpartition(":")
+                group.create_task(serve_tcp(devices, host, int(port)), name=endpoint)
+            else:
+                bus = buses[where]
+                port_path = stack.enter_context(pty_pair(bus))
+                group.create_task(serve_rtu(devices, str(port_path), bus.baudrate), name=endpoint)

@@ -1,5 +1,6 @@
 """Scenario files: which simulated devices to serve, where, how their values behave, and what
-faults they show."""
+faults they show: Modbus devices (`devices`), PJLink displays (`projectors`), ONVIF/RTSP cameras
+(`cameras`), MQTT e-class boards (`boards`) and BLE sensors (`ble_sensors`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from drivers.modbus.profile import ModbusProfile
 from drivers.profiles import ProfileLibrary
+from simulator.camera_server import SimulatedCamera
+from simulator.pjlink_server import SimulatedProjector
 from wire.documents import line_of, read_yaml, validate_document
 from wire.errors import DocumentError, Problem
 from wire.models import Id
@@ -70,7 +73,32 @@ class Scenario(_Strict):
     start_time_of_day: Annotated[str, Field(pattern=r"^\d{2}:\d{2}$")] | None = None
     profiles_dir: Path | None = None
     rtu_buses: list[RtuBus] = []
-    devices: Annotated[list[SimulatedDevice], Field(min_length=1)]
+    devices: list[SimulatedDevice] = Field(default_factory=list, description="Modbus devices")
+    projectors: list[SimulatedProjector] = Field(
+        default_factory=list, description="PJLink projectors and flat panels"
+    )
+    cameras: list[SimulatedCamera] = Field(
+        default_factory=list, description="cameras: ONVIF device service and RTSP"
+    )
+
+    @property
+    def ids(self) -> list[str]:
+        return [
+            *(d.id for d in self.devices),
+            *(p.id for p in self.projectors),
+            *(c.id for c in self.cameras),
+        ]
+
+    @model_validator(mode="after")
+    def _something_to_serve(self) -> Scenario:
+        if not self.ids:
+            raise ValueError("a scenario needs at least one device, projector or camera")
+        seen: set[str] = set()
+        for device_id in self.ids:
+            if device_id in seen:
+                raise ValueError(f"device id {device_id!r} is used twice")
+            seen.add(device_id)
+        return self
 
     @model_validator(mode="after")
     def _endpoints(self) -> Scenario:
