@@ -11,6 +11,7 @@ import contextlib
 import logging
 import shutil
 import subprocess
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from drivers.modbus.profile import ModbusProfile
 from drivers.profiles import ProfileLibrary
+from simulator.board import run_board
 from simulator.camera_server import serve_camera
 from simulator.modbus_server import (
     Fault,
@@ -31,6 +33,7 @@ from simulator.pjlink_server import scaled_clock, serve_projector
 from simulator.processes import stop_group
 from simulator.scenario import RtuBus, Scenario, SimulatedDevice
 from simulator.values import DeviceValues
+from wire.net import host_port
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,8 @@ async def run_scenario(scenario: Scenario, library: ProfileLibrary) -> None:
 
 
 async def _serve_others(scenario: Scenario, servers: contextlib.AsyncExitStack) -> None:
-    """Starts the projectors and cameras; they serve until `servers` closes."""
+    """Starts the projectors, cameras, boards and BLE sensors; they run until `servers`
+    closes."""
     lamp_clock = scaled_clock(scenario.time_scale)
     for projector in scenario.projectors:
         server = await servers.enter_async_context(serve_projector(projector, lamp_clock))
@@ -113,6 +117,49 @@ async def _serve_others(scenario: Scenario, servers: contextlib.AsyncExitStack) 
     for camera in scenario.cameras:
         running = await servers.enter_async_context(serve_camera(camera))
         log.info("camera %s: ONVIF %s, RTSP %s", camera.id, running.onvif_url, running.rtsp_url)
+    for board in scenario.boards:
+        await servers.enter_async_context(run_board(board))
+        log.info(
+            "board %s: MQTT %s on %s",
+            board.id,
+            board.base_topic,
+            host_port(board.broker_host, board.broker_port),
+        )
+    if scenario.ble_sensors:
+        await _serve_ble(scenario, servers)
+
+
+async def _serve_ble(scenario: Scenario, servers: contextlib.AsyncExitStack) -> None:
+    """A private D-Bus system bus with a mock BlueZ, the sensors advertising on it; the line
+    to give the agent (DBUS_SYSTEM_BUS_ADDRESS=…) goes to the log and to stdout."""
+    from simulator.ble import serve
+
+    workdir = scenario.ble_workdir
+    if workdir is None:
+        workdir = Path(servers.enter_context(tempfile.TemporaryDirectory(prefix="campus-ble-")))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    ready = asyncio.Event()
+
+    def announce(line: str) -> None:
+        log.info("BLE sensors on a mock BlueZ: give the agent %s", line)
+        print(line, flush=True)
+        ready.set()
+
+    task = asyncio.create_task(serve(workdir, scenario.ble_sensors, announce), name="ble")
+    servers.push_async_callback(_cancel, task)
+    waiting = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if task.done():  # ended before its bus was up: say why
+        error = task.exception()
+        raise ListenError(f"the mock BlueZ for the BLE sensors did not start: {error}")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _serve_modbus(

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from drivers.modbus.profile import ModbusProfile
 from drivers.profiles import ProfileLibrary
+from simulator.ble import SimulatedBleSensor
+from simulator.board import SimulatedBoard
 from simulator.camera_server import SimulatedCamera
 from simulator.pjlink_server import SimulatedProjector
 from wire.documents import line_of, read_yaml, validate_document
@@ -80,6 +82,16 @@ class Scenario(_Strict):
     cameras: list[SimulatedCamera] = Field(
         default_factory=list, description="cameras: ONVIF device service and RTSP"
     )
+    boards: list[SimulatedBoard] = Field(
+        default_factory=list, description="e-class boards publishing on an MQTT broker"
+    )
+    ble_sensors: list[SimulatedBleSensor] = Field(
+        default_factory=list, description="BLE sensors advertising on a private mock BlueZ"
+    )
+    ble_workdir: Path | None = Field(
+        None,
+        description="where the mock BlueZ's bus socket goes (short path); default: a temp dir",
+    )
 
     @property
     def ids(self) -> list[str]:
@@ -87,12 +99,16 @@ class Scenario(_Strict):
             *(d.id for d in self.devices),
             *(p.id for p in self.projectors),
             *(c.id for c in self.cameras),
+            *(b.id for b in self.boards),
+            *(s.id for s in self.ble_sensors),
         ]
 
     @model_validator(mode="after")
     def _something_to_serve(self) -> Scenario:
         if not self.ids:
-            raise ValueError("a scenario needs at least one device, projector or camera")
+            raise ValueError(
+                "a scenario needs at least one device, projector, camera, board or BLE sensor"
+            )
         seen: set[str] = set()
         for device_id in self.ids:
             if device_id in seen:
