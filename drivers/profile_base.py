@@ -27,7 +27,9 @@ class DeviceKind(StrEnum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Built on first use: the bases are never validated on their own, and a gateway only pays
+    # for the protocols its profiles use.
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class Alarm(_Strict):

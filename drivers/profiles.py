@@ -11,38 +11,59 @@ ONVIF calls, BTHome objects).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, Union, cast
 
 from pydantic import Field, TypeAdapter
 
-from drivers.ble.profile import BleProfile
-from drivers.camera.profile import CameraProfile
-from drivers.modbus.profile import ModbusProfile
-from drivers.mqtt.profile import MqttProfile
-from drivers.pjlink.profile import PjlinkProfile
 from drivers.profile_base import Alarm, DeviceKind, ProfileBase
-from wire.documents import read_yaml, validate_with
+from wire.documents import line_of, read_yaml, validate_document
 from wire.errors import DocumentError, DocumentErrors, Problem
 
-__all__ = ["Alarm", "AnyProfile", "DeviceKind", "Profile", "ProfileBase", "ProfileLibrary"]
+if TYPE_CHECKING:
+    from drivers.ble.profile import BleProfile
+    from drivers.camera.profile import CameraProfile
+    from drivers.modbus.profile import ModbusProfile
+    from drivers.mqtt.profile import MqttProfile
+    from drivers.pjlink.profile import PjlinkProfile
+
+__all__ = ["Alarm", "AnyProfile", "DeviceKind", "ProfileBase", "ProfileLibrary"]
 
 PROFILE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,80}$")
 
-
-AnyProfile = ModbusProfile | PjlinkProfile | MqttProfile | CameraProfile | BleProfile
 #: A profile of any protocol, told apart by its `protocol:` field.
-Profile = Annotated[AnyProfile, Field(discriminator="protocol")]
-_PROFILE: TypeAdapter[AnyProfile] = TypeAdapter(Profile)
+AnyProfile: TypeAlias = "ModbusProfile | PjlinkProfile | MqttProfile | CameraProfile | BleProfile"
+
+#: Where the model of each `protocol:` lives. A protocol's model (and the codec tables it checks
+#: points against) is imported when the first profile of that protocol is read: a gateway whose
+#: profiles are all Modbus never holds the others in memory.
+PROFILE_MODELS: dict[str, str] = {
+    "modbus": "drivers.modbus.profile:ModbusProfile",
+    "pjlink": "drivers.pjlink.profile:PjlinkProfile",
+    "mqtt": "drivers.mqtt.profile:MqttProfile",
+    "onvif": "drivers.camera.profile:CameraProfile",
+    "ble": "drivers.ble.profile:BleProfile",
+}
+
+
+def profile_model(protocol: str) -> type[ProfileBase]:
+    module, _, name = PROFILE_MODELS[protocol].partition(":")
+    model: type[ProfileBase] = getattr(importlib.import_module(module), name)
+    return model
 
 
 def profile_schema() -> dict[str, Any]:
-    return _PROFILE.json_schema()
+    """The JSON Schema of a profile of any protocol."""
+    models = [profile_model(protocol) for protocol in PROFILE_MODELS]
+    union: Any = Union[tuple(models)]  # noqa: UP007 (built at run time)
+    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[union, Field(discriminator="protocol")])
+    return adapter.json_schema()
 
 
 def write_profile_schema(path: Path) -> None:
@@ -66,8 +87,16 @@ def load_profile(path: Path) -> AnyProfile:
             str(path), [Problem("", "file name must be lowercase [a-z0-9_-] ending in .yaml")]
         )
     data, root = read_yaml(path)
-    profile = validate_with(_PROFILE, data, str(path), root, "protocol")
-    return profile.model_copy(update={"id": profile_id})
+    protocol = data.get("protocol") if isinstance(data, dict) else None
+    if not isinstance(protocol, str) or protocol not in PROFILE_MODELS:
+        known = ", ".join(PROFILE_MODELS)
+        problem = "is missing" if protocol is None else f"{protocol!r} is not known"
+        where = line_of(root, ("protocol",))
+        raise DocumentError(
+            str(path), [Problem("protocol", f"protocol {problem} (protocols: {known})", where)]
+        )
+    profile = validate_document(profile_model(protocol), data, str(path), root)
+    return cast("AnyProfile", profile.model_copy(update={"id": profile_id}))
 
 
 def profile_files(paths: Iterable[Path]) -> list[Path]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.camera import http, onvif, rtsp
+from drivers.camera import http, onvif, rtsp, rtsp_url
 from drivers.camera.http import (
     AuthenticationError,
     DigestChallenge,
@@ -333,14 +333,14 @@ def test_rtsp_request_bytes() -> None:
 
 
 def test_rtsp_url() -> None:
-    target = rtsp.parse_url("rtsp://view%40er:p%3Ass@[fd00::30]:8554/Streaming/101?tr=1")
-    assert target == rtsp.RtspTarget(
+    target = rtsp_url.parse_url("rtsp://view%40er:p%3Ass@[fd00::30]:8554/Streaming/101?tr=1")
+    assert target == rtsp_url.RtspTarget(
         "fd00::30", 8554, "rtsp://[fd00::30]:8554/Streaming/101?tr=1", "view@er", "p:ss"
     )
-    assert rtsp.parse_url("rtsp://cam.local").url == "rtsp://cam.local/"
-    assert rtsp.parse_url("RTSP://10.0.0.5/s").port == 554
+    assert rtsp_url.parse_url("rtsp://cam.local").url == "rtsp://cam.local/"
+    assert rtsp_url.parse_url("RTSP://10.0.0.5/s").port == 554
     with pytest.raises(ValueError, match="not an rtsp"):
-        rtsp.parse_url("http://cam/s")
+        rtsp_url.parse_url("http://cam/s")
 
 
 def test_sdp_track_count() -> None:

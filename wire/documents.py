@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from wire.errors import DocumentError, Problem
 
 M = TypeVar("M", bound=BaseModel)
-T = TypeVar("T")
 
 
 def line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
@@ -60,32 +59,19 @@ def parse_yaml(text: str, path: str) -> tuple[Any, yaml.Node | None]:
 
 
 def validate_document(model: type[M], data: Any, path: str, root: yaml.Node | None = None) -> M:
-    return validate_with(TypeAdapter(model), data, path, root)
-
-
-def validate_with(
-    adapter: TypeAdapter[T],
-    data: Any,
-    path: str,
-    root: yaml.Node | None = None,
-    discriminator: str | None = None,
-) -> T:
-    """Like `validate_document`, for any type; for a union told apart by the `discriminator`
-    field, errors name fields as written, without pydantic's leading tag."""
     if data is None:
         data = {}
     try:
-        return adapter.validate_python(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        tag = data.get(discriminator) if discriminator and isinstance(data, dict) else None
-        problems = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            if tag is not None and loc and loc[0] == tag:
-                loc = loc[1:]
-            problems.append(
-                Problem(".".join(str(part) for part in loc), err["msg"], line_of(root, loc))
+        problems = [
+            Problem(
+                ".".join(str(part) for part in err["loc"]),
+                err["msg"],
+                line_of(root, tuple(err["loc"])),
             )
+            for err in exc.errors()
+        ]
         raise DocumentError(path, problems) from None
 
 

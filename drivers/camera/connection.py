@@ -7,12 +7,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from drivers.camera.rtsp import parse_url
+from drivers.camera.rtsp_url import parse_url
 from wire.net import bare_host
 
 
 class OnvifConnection(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Python's re for the patterns: pydantic-core's engine spends most of a megabyte on
+    # these Unicode classes, on a 1 GB gateway (see benchmarks/agent_e2e.py).
+    model_config = ConfigDict(extra="forbid", frozen=True, regex_engine="python-re")
     type: Literal["onvif"]
     host: Annotated[str, AfterValidator(bare_host)]
     port: Annotated[int, Field(ge=1, le=65535, description="80, or 443 with https")] = 80

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from drivers.base import Driver, PollResult, Value
-from drivers.camera import onvif, rtsp
+from drivers.camera import onvif, rtsp, rtsp_url
 from drivers.camera.connection import OnvifConnection
 from drivers.camera.http import (
     USER_AGENT,
@@ -110,7 +110,9 @@ class CameraDriver(Driver):
         self._scheduled = any(p.poll_interval_s is not None for p in self._points)
         self._next_due: dict[str, float] = {}
         self._http_auth = DigestSession(connection.username, connection.password)
-        self._rtsp = None if connection.rtsp_url is None else rtsp.parse_url(connection.rtsp_url)
+        self._rtsp = (
+            None if connection.rtsp_url is None else rtsp_url.parse_url(connection.rtsp_url)
+        )
         self._drift_s: float | None = None  # camera clock minus ours, last measured
         self._clock_needs_auth = False
         self._low, self._high = profile.firmware_range
@@ -387,7 +389,7 @@ class CameraDriver(Driver):
         outcome.fail(frozenset({Source.RTSP_RESPONSE_MS, Source.RTSP_TRACKS}), why)
 
     async def _describe(
-        self, target: rtsp.RtspTarget, address: str, outcome: _Outcome, deadline: float
+        self, target: rtsp_url.RtspTarget, address: str, outcome: _Outcome, deadline: float
     ) -> tuple[str, int | None]:
         """(DESCRIBE's status, track count when it succeeded), then the connection is closed."""
         auth = DigestSession(

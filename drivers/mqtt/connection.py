@@ -17,7 +17,9 @@ TOPIC_PATTERN = r"^[^#+\x00]{1,200}$"
 
 
 class MqttDeviceConnection(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Python's re for the patterns: pydantic-core's engine spends most of a megabyte on
+    # these Unicode classes, on a 1 GB gateway (see benchmarks/agent_e2e.py).
+    model_config = ConfigDict(extra="forbid", frozen=True, regex_engine="python-re")
     type: Literal["mqtt"]
     host: Annotated[str, AfterValidator(bare_host)] = "localhost"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
