@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import shutil
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -257,30 +258,117 @@ def write(config_path: Path, device: str, point: str, value: str) -> None:
     click.echo(json.dumps({"device": device, "point": point, "value": written}))
 
 
-@main.command()
+COMMAND_USAGE = "DEVICE NAME [ARGUMENT] [--OPTION VALUE]..."
+_OPTION_NAME = re.compile(r"^[a-z0-9_][a-z0-9_.-]{0,63}$")
+
+
+def split_command_words(
+    words: Sequence[str], pairs: Sequence[str] = ()
+) -> tuple[str, str, str | None, dict[str, str]]:
+    """(device, command, argument text, named options) from the words of `command` that click
+    did not take: --NAME VALUE, --NAME=VALUE, a bare --NAME (on), and -o NAME=VALUE pairs.
+    ValueError naming what is wrong."""
+    positionals: list[str] = []
+    named: dict[str, str] = {}
+
+    def add(name: str, value: str, written: str) -> None:
+        if not _OPTION_NAME.match(name):
+            raise ValueError(f"{written!r} is not an option name (--name VALUE)")
+        if name in named:
+            raise ValueError(f"option --{name} is given twice")
+        named[name] = value
+
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word.startswith("--") and len(word) > 2:
+            name, equals, value = word[2:].partition("=")
+            if not equals:
+                following = words[index + 1] if index + 1 < len(words) else None
+                if following is None or following.startswith("--"):
+                    value = "true"
+                else:
+                    value = following
+                    index += 1
+            add(name, value, word)
+        else:
+            positionals.append(word)
+        index += 1
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals:
+            raise ValueError(f"-o {pair!r}: write NAME=VALUE")
+        add(name, value, f"-o {pair}")
+    if len(positionals) < 2:
+        missing = "NAME" if positionals else "DEVICE and NAME"
+        raise ValueError(f"missing {missing}: campus-agent command {COMMAND_USAGE}")
+    if len(positionals) > 3:
+        extra = " ".join(repr(word) for word in positionals[3:])
+        raise ValueError(
+            f"unexpected {extra} after ARGUMENT {positionals[2]!r} (put text with spaces in "
+            "quotes; options are --OPTION VALUE)"
+        )
+    device, name, *rest = positionals
+    return device, name, rest[0] if rest else None, named
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
 @click.option(
     "--config", "config_path", type=click.Path(path_type=Path), required=True, help=CONFIG_HELP
 )
-@click.argument("device")
-@click.argument("name")
-@click.argument("argument", required=False)
-def command(config_path: Path, device: str, name: str, argument: str | None) -> None:
+@click.argument("words", nargs=-1, type=click.UNPROCESSED, metavar=COMMAND_USAGE)
+@click.option(
+    "-o",
+    "--option",
+    "option_pairs",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A named option of the command whose name is one of this command's own "
+    "(config, option, help); repeatable.",
+)
+def command(config_path: Path, words: tuple[str, ...], option_pairs: tuple[str, ...]) -> None:
     """Run the profile command NAME on DEVICE, with ARGUMENT when it takes one.
 
-    The argument is checked against the profile before anything is written. Exit code 0 on
-    success, 1 when the device fails, 2 for an unknown command or a bad argument.
+    Named options of the command follow NAME as --OPTION VALUE or --OPTION=VALUE (a bare
+    --OPTION means on); an option named like one of this command's own is given as
+    -o OPTION=VALUE. ARGUMENT and option values are JSON when they parse (10, true), else
+    text: put text with spaces in quotes. Both are checked against the profile before anything
+    is sent: an unknown option, a bad value, or a missing option that has no default there is
+    refused, naming the option.
+
+    \b
+    Examples:
+      campus-agent command --config /etc/campus-iot/agent.yaml board-101 notice \\
+          "Fire drill at 10:00" --minutes 10
+      campus-agent command --config /etc/campus-iot/agent.yaml relays-1 set_relay_1 on
+      campus-agent command --config /etc/campus-iot/agent.yaml projector-1 power_off
+
+    Exit code 0 on success, 1 when the device fails, 2 for an unknown command, a bad argument
+    or a bad option (named in the message).
     """
     from agent.tools import command as run_command
 
+    try:
+        device, name, argument, named = split_command_words(words, option_pairs)
+    except ValueError as exc:
+        fail(str(exc), EXIT_CONFIG)
     config, library = _load(config_path)
     target = _device_or_exit(config, device)
     profile = library.get(target.profile)
     try:
-        profile.command(name)
+        spec = profile.command(name)
     except KeyError as exc:
         fail(exc.args[0], EXIT_CONFIG)
     value = None if argument is None else _parse_value(argument)
-    result = _on_device(run_command(library, target, name, value), device, f"{name}: ")
+    options = {option: _parse_value(text) for option, text in named.items()}
+    try:
+        spec.check_argument(value)
+        spec.check_options(options)
+    except ValueError as exc:
+        fail(f"{name}: {exc}; nothing sent", EXIT_CONFIG)
+    result = _on_device(run_command(library, target, name, value, options), device, f"{name}: ")
     click.echo(json.dumps({"device": device, **result}))
 
 

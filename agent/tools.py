@@ -53,11 +53,13 @@ async def probe(
     factory = DriverFactory()
     results = []
     try:
-        for device in devices:
+        # built first: a BLE sensor takes the adverts its adapter hears from the first BLE
+        # device's open() on, so each open() need not wait for one more advert
+        drivers = [_driver(device, library, factory) for device in devices]
+        for device, driver in zip(devices, drivers, strict=True):
             profile = library.get(device.profile)
             started = time.monotonic()
             try:
-                driver = factory.build(profile, device.connection)
                 await driver.open()
                 polled = await asyncio.wait_for(driver.read(), device.timeout_s * 4)
             except (DriverError, TimeoutError, OSError) as exc:

@@ -131,9 +131,9 @@ class Point(PointBase):
         except (TypeError, ValueError, OverflowError):
             return None, f"expected {self.type.value}, got {value!r:.40}"
         if self.min is not None and number < self.min:
-            return None, f"{number} below the valid minimum {self.min}"
+            return None, f"{number} below the valid minimum {self.min:g}"
         if self.max is not None and number > self.max:
-            return None, f"{number} above the valid maximum {self.max}"
+            return None, f"{number} above the valid maximum {self.max:g}"
         return number, None
 
 
@@ -192,9 +192,9 @@ class Argument(_Strict):
         if isinstance(value, float) and self.type == "int" and not value.is_integer():
             raise ValueError(f"{value!r} is not a whole number")
         if self.min is not None and number < self.min:
-            raise ValueError(f"{number} is below the minimum {self.min}")
+            raise ValueError(f"{number} is below the minimum {self.min:g}")
         if self.max is not None and number > self.max:
-            raise ValueError(f"{number} is above the maximum {self.max}")
+            raise ValueError(f"{number} is above the maximum {self.max:g}")
         return number
 
 

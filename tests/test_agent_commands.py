@@ -137,7 +137,7 @@ async def test_commands_that_cannot_run_say_why_and_write_nothing(
         result = await run(fleet, request("relays", "set_safe_mode_timeout", 70000))
         assert (result.outcome, result.error) == (
             CommandOutcome.BAD_ARGUMENT,
-            "70000 is above the maximum 65535.0",
+            "70000 is above the maximum 65535",
         )
         result = await run(fleet, request("relays", "set_relay_1"))
         assert result.outcome is CommandOutcome.BAD_ARGUMENT

@@ -23,7 +23,7 @@ from drivers.ble.driver import BthomeDriver, GattDriver, Pool, build
 from drivers.ble.profile import BleProfile
 from drivers.ble.scanner import Scanner
 from drivers.errors import DeviceUnreachable, DriverError
-from drivers.profiles import ProfileLibrary
+from drivers.profiles import ProfileLibrary, default_profiles_dir, load_profile
 from drivers.registry import DriverFactory
 from simulator.ble import (
     ENVIRONMENTAL_SENSING,
@@ -34,6 +34,7 @@ from simulator.ble import (
     serve,
 )
 from tests.bluez_mock import ADAPTER, bluez, bluez_bus
+from wire.errors import DocumentError
 
 __all__ = ["bluez", "bluez_bus"]  # fixtures used by name
 
@@ -153,7 +154,7 @@ async def test_plain_adverts_become_readings_through_the_factory(bluez: BluezCon
 
 async def test_encrypted_adverts_with_the_right_key(bluez: BluezControl, pool: Pool) -> None:
     driver = bthome_driver(pool, bind_key=KEY)
-    await driver.open()
+    await driver.scan()
     data = bthome.encode(
         [("temperature", 21.5), ("humidity", 40.0)],
         packet_id=1,
@@ -173,7 +174,7 @@ async def test_encrypted_adverts_with_the_right_key(bluez: BluezControl, pool: P
 
 async def test_wrong_key_is_counted_and_gives_no_values(bluez: BluezControl, pool: Pool) -> None:
     driver = bthome_driver(pool, bind_key=OTHER_KEY)
-    await driver.open()
+    await driver.scan()
     for counter in (1, 2):
         data = bthome.encode(
             [("temperature", 21.5)], packet_id=counter, mac=THERMO, bind_key=KEY, counter=counter
@@ -187,7 +188,7 @@ async def test_wrong_key_is_counted_and_gives_no_values(bluez: BluezControl, poo
 
 async def test_replayed_advert_is_refused(bluez: BluezControl, pool: Pool) -> None:
     driver = bthome_driver(pool, bind_key=KEY)
-    await driver.open()
+    await driver.scan()
     old = bthome.encode([("temperature", 20.0)], packet_id=1, mac=THERMO, bind_key=KEY, counter=10)
     new = bthome.encode([("temperature", 21.0)], packet_id=2, mac=THERMO, bind_key=KEY, counter=11)
     await advertise(bluez, driver, old)
@@ -202,7 +203,7 @@ async def test_counter_restart_is_accepted_after_silence(bluez: BluezControl, po
     """A sensor whose counter began again (battery change) is taken back once it has been silent
     for its offline window and keeps counting up from its new start."""
     driver = bthome_driver(pool, bind_key=KEY, advert_interval_s=0.05)  # window 6 × 0.05 s
-    await driver.open()
+    await driver.scan()
     first = bthome.encode([("temperature", 20.0)], mac=THERMO, bind_key=KEY, counter=500)
     await advertise(bluez, driver, first)
     await asyncio.sleep(0.35)
@@ -215,7 +216,7 @@ async def test_counter_restart_is_accepted_after_silence(bluez: BluezControl, po
 
 async def test_malformed_service_data_is_counted_not_fatal(bluez: BluezControl, pool: Pool) -> None:
     driver = bthome_driver(pool)
-    await driver.open()
+    await driver.scan()
     await advertise(bluez, driver, FIELD_ADVERT)
     for bad in (
         bytes.fromhex("4002c8"),  # temperature cut short
@@ -236,7 +237,7 @@ async def test_malformed_service_data_is_counted_not_fatal(bluez: BluezControl, 
 
 async def test_unknown_object_leaves_the_points_untouched(bluez: BluezControl, pool: Pool) -> None:
     driver = bthome_driver(pool)
-    await driver.open()
+    await driver.scan()
     await advertise(bluez, driver, FIELD_ADVERT)
     # 28.72 °C decodes before the unknown object 0xa0, but the advert is refused whole
     await advertise(bluez, driver, bytes.fromhex("40000202380ba001"))
@@ -247,7 +248,7 @@ async def test_unknown_object_leaves_the_points_untouched(bluez: BluezControl, p
 
 async def test_offline_after_silence(bluez: BluezControl, pool: Pool) -> None:
     driver = bthome_driver(pool, advert_interval_s=0.05)  # down after 6 × 0.05 s
-    await driver.open()
+    await driver.scan()
     await advertise(bluez, driver, FIELD_ADVERT)
     assert values(await driver.read())["temperature"] == 22.48
     await asyncio.sleep(0.4)
@@ -267,9 +268,53 @@ async def test_a_sensor_never_heard_goes_down_after_the_window(
         await driver.read()
 
 
+async def test_open_waits_for_the_first_advert(bluez: BluezControl, pool: Pool) -> None:
+    """What `campus-agent probe` relies on: values in the first read after `open()`."""
+    driver = bthome_driver(pool, advert_interval_s=5)
+    started = time.monotonic()
+    opening = asyncio.create_task(driver.open())
+    await until(lambda: driver.scanner.started_at is not None)
+    await asyncio.sleep(0.2)
+    assert not opening.done()
+    await advertise(bluez, driver, FIELD_ADVERT)
+    await asyncio.wait_for(opening, 1)
+    assert time.monotonic() - started < 2
+    assert values(await driver.read())["temperature"] == 22.48
+
+    # heard within its offline window: a second open does not wait
+    started = time.monotonic()
+    await driver.open()
+    assert time.monotonic() - started < 0.5
+
+
+async def test_open_fails_when_no_advert_comes(bluez: BluezControl, pool: Pool) -> None:
+    driver = bthome_driver(pool, advert_interval_s=0.4)
+    started = time.monotonic()
+    with pytest.raises(DriverError) as caught:
+        await driver.open()
+    assert 0.4 <= time.monotonic() - started < 1.5
+    assert str(caught.value).startswith(f"no advert from {THERMO} within 0.4 s on hci0: ")
+
+    named = bthome_driver(pool, address=CO2, advert_interval_s=0.2, local_name="CO2_ROOM_4")
+    with pytest.raises(DriverError, match=rf"^no advert from {CO2} \(named 'CO2_ROOM_4'\)"):
+        await named.open()
+
+
+async def test_open_names_why_the_adverts_heard_were_refused(
+    bluez: BluezControl, pool: Pool
+) -> None:
+    driver = bthome_driver(pool, bind_key=OTHER_KEY, advert_interval_s=0.5)
+    opening = asyncio.create_task(driver.open())
+    await until(lambda: driver.scanner.started_at is not None)
+    data = bthome.encode([("temperature", 21.5)], packet_id=1, mac=THERMO, bind_key=KEY, counter=1)
+    await advertise(bluez, driver, data)
+    with pytest.raises(DriverError, match=r"adverts heard but refused \(1 malformed.*MIC check"):
+        await opening
+
+
 async def test_rotating_address_matched_by_name(bluez: BluezControl, pool: Pool) -> None:
     driver = bthome_driver(pool, local_name="ATC_ROOM12")
-    await driver.open()
+    await driver.scan()
     for address, temperature in (("5E:11:22:33:44:55", 20.5), ("6F:66:77:88:99:AA", 20.75)):
         await bluez.add_device(
             ADAPTER,
@@ -291,7 +336,7 @@ async def test_rotating_address_matched_by_name(bluez: BluezControl, pool: Pool)
 async def test_adapter_powered_off_then_on(bluez: BluezControl, pool: Pool) -> None:
     driver = bthome_driver(pool)
     other = bthome_driver(pool, "bthome-co2-sensor", address=CO2)
-    await driver.open()
+    await driver.scan()
     await advertise(bluez, driver, FIELD_ADVERT)
     assert values(await driver.read())["temperature"] == 22.48
     started = driver.scanner.started_at
@@ -310,7 +355,7 @@ async def test_adapter_powered_off_then_on(bluez: BluezControl, pool: Pool) -> N
 
 async def test_adapter_removed_and_back(bluez: BluezControl, pool: Pool) -> None:
     driver = bthome_driver(pool)
-    await driver.open()
+    await driver.scan()
     await advertise(bluez, driver, FIELD_ADVERT)
     await bluez.remove_adapter(ADAPTER)
     await until(lambda: driver.scanner.watch.problem is not None)
@@ -328,7 +373,7 @@ async def test_a_missing_adapter_fails_only_its_devices(bluez: BluezControl, poo
     with pytest.raises(DriverError, match=r"^Bluetooth adapter hci1 not found$"):
         await missing.read()
     driver = bthome_driver(pool)
-    await driver.open()
+    await driver.scan()
     await advertise(bluez, driver, FIELD_ADVERT)
     assert values(await driver.read())["temperature"] == 22.48
 
@@ -353,7 +398,7 @@ async def test_bluetoothd_stopped_then_started(tmp_path: Path) -> None:
         try:
             await control.add_adapter(ADAPTER)
             driver = bthome_driver(pool)
-            await driver.open()
+            await driver.scan()
             await advertise(control, driver, FIELD_ADVERT)
             assert values(await driver.read())["temperature"] == 22.48
 
@@ -387,7 +432,7 @@ async def test_a_dropped_driver_stops_listening(bluez: BluezControl, pool: Pool)
     """The agent does not close a replaced driver whose bus key lives on in its successor."""
     old = bthome_driver(pool)
     new = bthome_driver(pool)
-    await new.open()
+    await new.scan()
     del old
     gc.collect()
     await advertise(bluez, new, FIELD_ADVERT)
@@ -398,7 +443,7 @@ async def test_a_dropped_driver_stops_listening(bluez: BluezControl, pool: Pool)
 async def test_pool_close_stops_the_scan(bluez: BluezControl) -> None:
     pool = Pool()
     driver = bthome_driver(pool)
-    await driver.open()
+    await driver.scan()
     adapter = f"/org/bluez/{ADAPTER}"
     assert (await bluez.method_calls(adapter))[-1] == "RegisterMonitor"
     await driver.close()
@@ -416,7 +461,7 @@ async def test_active_scanning_when_bluez_refuses_passive(tmp_path: Path) -> Non
         try:
             await control.add_adapter(ADAPTER)
             driver = bthome_driver(pool)
-            await driver.open()
+            await driver.scan()
             assert driver.scanner.mode == "active"
             assert driver.scanner.passive_refused
             await advertise(control, driver, FIELD_ADVERT)
@@ -428,10 +473,10 @@ async def test_active_scanning_when_bluez_refuses_passive(tmp_path: Path) -> Non
 
 async def test_a_device_asking_for_active_scanning(bluez: BluezControl, pool: Pool) -> None:
     passive = bthome_driver(pool)
-    await passive.open()
+    await passive.scan()
     assert pool.scanner(ADAPTER).mode == "passive"
     active = bthome_driver(pool, address=CO2, scan="active")
-    await active.open()
+    await active.scan()
     assert pool.scanner(ADAPTER).mode == "active"
     await advertise(bluez, passive, FIELD_ADVERT)
     assert values(await passive.read())["temperature"] == 22.48
@@ -461,7 +506,7 @@ def gatt_driver(pool: Pool, address: str = ESS, **fields: object) -> GattDriver:
 
 async def test_gatt_reads_the_characteristics(bluez: BluezControl, pool: Pool) -> None:
     driver = gatt_driver(pool, timeout_s=2)
-    await driver.open()
+    await driver.open()  # GATT: only starts the scan
     await ess_device(bluez)
     await bluez.advertise(ADAPTER, ESS, rssi=-70)  # the scanner hands over its BLEDevice
     await until(lambda: ESS in driver.scanner.devices)
@@ -486,7 +531,7 @@ async def test_gatt_without_a_scanned_device_connects_by_address(
     for the address itself; the sensor keeps advertising meanwhile."""
     driver = gatt_driver(pool, timeout_s=2)
     await ess_device(bluez)
-    await driver.open()
+    await driver.scan()
     assert ESS not in driver.scanner.devices
 
     async def keep_advertising() -> None:
@@ -503,7 +548,7 @@ async def test_gatt_without_a_scanned_device_connects_by_address(
 
 async def test_gatt_refused_connection(bluez: BluezControl, pool: Pool) -> None:
     driver = gatt_driver(pool, timeout_s=2)
-    await driver.open()
+    await driver.scan()
     await ess_device(bluez)
     await bluez.set_connect(ADAPTER, ESS, "refuse")
     await bluez.advertise(ADAPTER, ESS, rssi=-70)
@@ -524,7 +569,7 @@ async def test_gatt_refused_connection(bluez: BluezControl, pool: Pool) -> None:
 
 async def test_gatt_connection_that_hangs_is_bounded(bluez: BluezControl, pool: Pool) -> None:
     driver = gatt_driver(pool, timeout_s=0.2)
-    await driver.open()
+    await driver.scan()
     await ess_device(bluez)
     await bluez.set_connect(ADAPTER, ESS, "no-services")
     await bluez.advertise(ADAPTER, ESS, rssi=-70)
@@ -538,7 +583,7 @@ async def test_gatt_connection_that_hangs_is_bounded(bluez: BluezControl, pool: 
 
 async def test_gatt_disconnect_mid_read(bluez: BluezControl, pool: Pool) -> None:
     driver = gatt_driver(pool, timeout_s=2)
-    await driver.open()
+    await driver.scan()
     chars = await ess_device(bluez)
     await bluez.advertise(ADAPTER, ESS, rssi=-70)
     await until(lambda: ESS in driver.scanner.devices)
@@ -554,7 +599,7 @@ async def test_gatt_disconnect_mid_read(bluez: BluezControl, pool: Pool) -> None
 
 async def test_gatt_refused_read_rejects_one_point(bluez: BluezControl, pool: Pool) -> None:
     driver = gatt_driver(pool, timeout_s=2)
-    await driver.open()
+    await driver.scan()
     chars = await ess_device(bluez)
     await bluez.set_read(chars["2a6d"], "error")
     await bluez.set_value(chars["2a6e"], gatt.encode("2a6e", None))
@@ -580,8 +625,8 @@ async def test_gatt_connections_per_adapter_are_bounded(bluez: BluezControl) -> 
         try:
             slow = gatt_driver(pool, timeout_s=0.4)
             fast = gatt_driver(pool, second, timeout_s=2)
-            await slow.open()
-            await fast.open()
+            await slow.scan()
+            await fast.scan()
             for address in (ESS, second):
                 await ess_device(bluez, address)
                 await bluez.advertise(ADAPTER, address, rssi=-70)
@@ -621,8 +666,8 @@ async def test_simulated_sensors_are_read_by_the_driver(bluez: BluezControl, poo
     ]
     thermo = bthome_driver(pool, bind_key=KEY)
     ess = gatt_driver(pool, timeout_s=2)
-    await thermo.open()
-    await ess.open()
+    await thermo.scan()
+    await ess.scan()
     simulation = BleSimulation(bluez, sensors)
     task = asyncio.create_task(simulation.run())
     try:
@@ -701,11 +746,36 @@ def ble_profile(text: str) -> BleProfile:
             "mode: bthome\npoints: [{name: t, source: temperature}]\ncommands: [{name: c}]",
             "BLE sensors take no commands",
         ),
+        (
+            "mode: bthome\npoints: [{name: t, source: temperature, poll_interval_s: 600}]",
+            "BTHome sensors are push devices, they report when they advertise, and a GATT "
+            "sensor is read whole at each poll: poll_interval_s does not apply to BLE points",
+        ),
+        (
+            "mode: gatt\npoints: [{name: t, source: '2a6e', poll_interval_s: 600}]",
+            "poll_interval_s does not apply to BLE points",
+        ),
     ],
 )
 def test_bad_ble_profiles(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ble_profile(text)
+
+
+@pytest.mark.parametrize("profile_id", ["bthome-co2-sensor", "gatt-environmental-sensor"])
+def test_a_poll_interval_is_refused_at_its_line(tmp_path: Path, profile_id: str) -> None:
+    """It would be silently ignored: adverts are pushed, GATT points are read all at once."""
+    text = (Path(default_profiles_dir()) / f"{profile_id}.yaml").read_text()
+    lines = text.splitlines(keepends=True)
+    first = next(i for i, line in enumerate(lines) if line.startswith("  - name: "))
+    lines.insert(first + 1, "    poll_interval_s: 600\n")
+    bad = tmp_path / "acme-ble.yaml"
+    bad.write_text("".join(lines))
+    with pytest.raises(DocumentError) as caught:
+        load_profile(bad)
+    [problem] = caught.value.problems
+    assert (problem.field, problem.line) == ("points.0", first + 1)
+    assert "poll_interval_s does not apply to BLE points" in problem.message
 
 
 def test_profile_sources_are_normalised() -> None:

@@ -624,7 +624,7 @@ def test_check_command_types_options_every_profile_agrees_on(profiles_dir: Path)
     sent, problems = check_command(library, boards[:1], "notice", "Hi", {"urgent": "on"})
     assert (sent, problems) == ({"urgent": True}, [])
     sent, problems = check_command(library, boards, "notice", "Hi", {"minutes": "90"})
-    assert problems == ["profile t-board-small (b2): --minutes: 90 is above the maximum 60.0"]
+    assert problems == ["profile t-board-small (b2): --minutes: 90 is above the maximum 60"]
     # A device whose profile lacks the action is not checked: `queue` answers unknown_action.
     projector = [Target("s", "gw", "p1", "t-projector")]
     assert check_command(library, projector, "notice", None, {"x": "1"}) == ({"x": "1"}, [])
@@ -645,7 +645,7 @@ def test_cmd_checks_arguments_and_options_before_anything_is_sent(fleet: Fleet) 
         ),
         (
             'board-101 notice "Fire drill" --minutes 2000',
-            "profile t-board (board-101): --minutes: 2000 is above the maximum 1440.0",
+            "profile t-board (board-101): --minutes: 2000 is above the maximum 1440",
         ),
         ('board-101 notice "Fire drill" --minutes ten', "--minutes: 'ten' is not an integer"),
         ('board-101 notice "Fire drill" --urgent maybe', "--urgent: 'maybe' is not on/off"),
@@ -657,7 +657,7 @@ def test_cmd_checks_arguments_and_options_before_anything_is_sent(fleet: Fleet) 
         ),
         (
             '--site lycee --kind board notice "Fire drill" --minutes 90',
-            "profile t-board-small (board-102): --minutes: 90 is above the maximum 60.0",
+            "profile t-board-small (board-102): --minutes: 90 is above the maximum 60",
         ),
     ]
     for line, message in cases:

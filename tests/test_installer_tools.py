@@ -1,19 +1,29 @@
 """Installer tools through real processes: `campus-sim run` serving Modbus TCP and an RTU bus
-(socat), read by mbpoll (an independent master) and by `campus-agent probe / write / command`."""
+(socat), read by mbpoll (an independent master) and by `campus-agent probe / write / command`;
+`command` with named options on a simulated e-class board (private broker); `probe` of BTHome
+sensors on a mock BlueZ (private system bus)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.cli import split_command_words
+from simulator.ble import BleSimulation, BluezControl, SimulatedBleSensor
+from simulator.board import SimulatedBoard, run_board
 from simulator.broker import MosquittoBroker, free_port
+from tests.bluez_mock import bluez, bluez_bus
 from tests.conftest import Processes, run_cli, wait_for, write_yaml
+
+__all__ = ["bluez", "bluez_bus"]  # fixtures used by name
 
 pytestmark = pytest.mark.slow
 
@@ -250,3 +260,177 @@ def test_profiles_check_lists_every_problem(tmp_path: Path) -> None:
     assert "acme-a.yaml: line 7, points.0.type: Input should be" in result.stderr
     assert "acme-b.yaml: line 1, model: Field required" in result.stderr
     assert "acme-b.yaml: line 1, points: Field required" in result.stderr
+
+
+# --- command options on an MQTT board --------------------------------------------------------
+
+
+async def test_command_options_reach_the_board_and_bad_ones_are_refused(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    topic = f"eclass/board-{uuid.uuid4().hex[:8]}"
+    connection = {"type": "mqtt", "host": "::1", "port": broker.port, "topic": topic}
+    agent = write_yaml(
+        tmp_path / "agent.yaml",
+        {
+            "site": "school-1",
+            "gateway": "gw-1",
+            "devices": [
+                {
+                    "id": "board-101",
+                    "profile": "generic-android-eclass-board",
+                    "connection": connection,
+                }
+            ],
+        },
+    )
+    spec = SimulatedBoard(
+        id="board-101", topic=topic, broker_host="::1", broker_port=broker.port, interval_s=0.5
+    )
+
+    async def command(*words: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(
+            run_cli, "campus-agent", "command", "--config", str(agent), "board-101", *words
+        )
+
+    async with run_board(spec) as board:
+        sent = await command("notice", "Fire drill at 10:00", "--minutes", "10")
+        assert sent.returncode == 0, sent.stderr
+        assert json.loads(sent.stdout)["notice"] == {"text": "Fire drill at 10:00", "minutes": 10}
+        assert board.commands[-1]["minutes"] == 10  # a number on the wire, as the board wants
+        assert board.notice is not None and board.notice.text == "Fire drill at 10:00"
+
+        forms = {
+            ("notice", "Exam", "--minutes=5"): 5,
+            ("notice", "Exam", "-o", "minutes=3"): 3,
+            ("--option", "minutes=2", "notice", "Exam"): 2,
+            ("notice", "Lunch"): 10,  # the profile's default
+        }
+        answers = await asyncio.gather(*(command(*words) for words in forms))
+        for (words, minutes), sent in zip(forms.items(), answers, strict=True):
+            assert sent.returncode == 0, (words, sent.stderr)
+            assert json.loads(sent.stdout)["notice"]["minutes"] == minutes, words
+        assert len(board.commands) == 5
+
+        refused = await asyncio.gather(
+            *(
+                command(*words)
+                for words in (
+                    ("notice", "x", "--minutes", "0"),
+                    ("notice", "x", "--colour", "red"),
+                    ("screen_on", "--minutes", "5"),
+                    ("notice", "x", "-o", "minutes"),
+                    ("notice",),
+                )
+            )
+        )
+        messages = [
+            "notice: --minutes: 0 is below the minimum 1",  # (1.0: a float min)
+            "notice: command 'notice' has no option colour (options: --minutes); nothing sent",
+            "screen_on: command 'screen_on' has no option minutes (options: none); nothing sent",
+            "-o 'minutes': write NAME=VALUE",
+            "notice: command 'notice' needs an argument (text); nothing sent",
+        ]
+        for result, message in zip(refused, messages, strict=True):
+            assert result.returncode == 2, (message, result.stdout, result.stderr)
+            assert result.stderr.startswith("campus-agent: "), result.stderr
+            assert message in result.stderr, (message, result.stderr)
+        await asyncio.sleep(0.3)
+        assert len(board.commands) == 5  # nothing was sent
+
+    shown = run_cli("campus-agent", "command", "--help")
+    assert shown.returncode == 0
+    assert '"Fire drill at 10:00" --minutes 10' in shown.stdout
+    assert "-o, --option NAME=VALUE" in shown.stdout
+
+
+def test_command_words_are_split_like_campus_fleet_cmd() -> None:
+    assert split_command_words(["board-101", "notice", "Hi", "--minutes", "10"]) == (
+        "board-101",
+        "notice",
+        "Hi",
+        {"minutes": "10"},
+    )
+    assert split_command_words(["b", "notice", "--loud", "--minutes=-5"], ["config=x"]) == (
+        "b",
+        "notice",
+        None,
+        {"loud": "true", "minutes": "-5", "config": "x"},
+    )
+    for words, pairs, message in (
+        (["b", "notice", "x", "--minutes", "5"], ["minutes=6"], "option --minutes is given twice"),
+        (["b", "notice", "x"], ["minutes"], "-o 'minutes': write NAME=VALUE"),
+        (["b", "notice", "a", "b"], [], "unexpected 'b' after ARGUMENT 'a'"),
+        (["b", "notice", "--Minutes", "5"], [], "'--Minutes' is not an option name"),
+        (["b"], [], "missing NAME: campus-agent command DEVICE NAME [ARGUMENT]"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            split_command_words(words, pairs)
+
+
+# --- probe of BTHome sensors -----------------------------------------------------------------
+
+HEARD = "A4:C1:38:3E:B3:93"
+SILENT = "A4:C1:38:00:00:99"
+
+
+async def test_probe_waits_for_a_bthome_advert_and_names_a_silent_sensor(
+    tmp_path: Path, bluez: BluezControl
+) -> None:
+    agent = write_yaml(
+        tmp_path / "agent.yaml",
+        {
+            "site": "school-1",
+            "gateway": "gw-1",
+            "devices": [
+                {
+                    "id": "room-14-th",
+                    "profile": "bthome-lywsd03mmc",
+                    "connection": {"type": "ble", "address": SILENT, "advert_interval_s": 1.5},
+                },
+                {
+                    "id": "room-12-th",
+                    "profile": "bthome-lywsd03mmc",
+                    "connection": {"type": "ble", "address": HEARD},
+                },
+            ],
+        },
+    )
+    sensor = SimulatedBleSensor(
+        id="room-12",
+        address=HEARD,
+        interval_s=0.5,
+        drift=False,
+        values={"temperature": 21.5, "humidity": 45.0, "battery": 90, "voltage": 2.95},
+    )
+    simulation = asyncio.create_task(BleSimulation(bluez, [sensor]).run())
+
+    def probe(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("campus-agent", "probe", "--config", str(agent), *args)
+
+    try:
+        result = await asyncio.to_thread(probe, "--json")
+        table = await asyncio.to_thread(probe, "room-12-th")
+        silent = await asyncio.to_thread(probe, "room-14-th")
+    finally:
+        simulation.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await simulation
+
+    assert result.returncode == 1, result.stderr  # one sensor is silent
+    probes = {p["device"]: p for p in json.loads(result.stdout)}
+    heard = probes["room-12-th"]
+    assert heard["ok"] and heard["rejected"] == [], heard
+    got = {v["point"]: v["value"] for v in heard["values"]}
+    assert got["temperature"] == 21.5 and got["humidity"] == 45.0 and got["battery"] == 90
+    assert got["battery_voltage"] == 2.95 and got["rssi"] < 0
+    assert probes["room-14-th"]["ok"] is False
+    assert probes["room-14-th"]["error"].startswith(
+        f"no advert from {SILENT} within 1.5 s on hci0: check that the sensor is in range"
+    )
+    assert probes["room-14-th"]["seconds"] >= 1.5
+
+    assert table.returncode == 0, table.stderr
+    assert "temperature" in table.stdout and "21.5" in table.stdout
+    assert silent.returncode == 1
+    assert f"failed: no advert from {SILENT} within 1.5 s" in " ".join(silent.stdout.split())

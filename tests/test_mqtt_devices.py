@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from drivers.base import PollResult
@@ -37,6 +38,7 @@ from drivers.mqtt.driver import DeviceFeed, MqttDeviceDriver, Pool, Presence, bu
 from drivers.mqtt.profile import HeartbeatSpec, MqttProfile, StatusSpec
 from drivers.profiles import ProfileLibrary, default_profiles_dir, load_profile
 from drivers.registry import Connection, DriverFactory
+from fleet.csv_import import parse_connection_url
 from simulator.board import BoardFault, SimulatedBoard, run_board
 from simulator.broker import MosquittoBroker, TlsListener, free_ports
 from tests.tls_certs import make_test_pki
@@ -278,6 +280,48 @@ def test_unquoted_placeholder_fails_at_load_with_its_line(tmp_path: Path) -> Non
     assert "acme-board.yaml" in str(caught.value)
 
 
+def test_a_poll_interval_is_refused_with_its_line(tmp_path: Path) -> None:
+    """Values are pushed: a per-point poll interval would be silently ignored."""
+    text = (REPO / "firmware-profiles" / "generic-android-eclass-board.yaml").read_text()
+    bad = tmp_path / "acme-board.yaml"
+    bad.write_text(
+        text.replace(
+            "    path: display.screen\n", "    path: display.screen\n    poll_interval_s: 600\n", 1
+        )
+    )
+    with pytest.raises(DocumentError) as caught:
+        load_profile(bad)
+    [problem] = caught.value.problems
+    assert problem.field == "points.0"
+    assert problem.line == text.splitlines().index("  - name: screen") + 1
+    assert problem.message.endswith(
+        "MQTT devices are push devices, they report when they publish: poll_interval_s does not "
+        "apply (remove it; each poll records the latest value heard, every interval_s of the "
+        "device)"
+    )
+
+
+def test_tls_means_port_8883_unless_a_port_is_given() -> None:
+    def port(text: str) -> int:
+        connection = TypeAdapter(Connection).validate_python(yaml.safe_load(text))
+        assert isinstance(connection, MqttDeviceConnection)
+        return connection.port
+
+    assert port("{type: mqtt, topic: eclass/b}") == 1883
+    assert port("{type: mqtt, topic: eclass/b, tls: true}") == 8883
+    assert port("{type: mqtt, topic: eclass/b, tls: false}") == 1883
+    assert port("{type: mqtt, topic: eclass/b, tls: true, port: 1883}") == 1883  # as written
+    assert port("{type: mqtt, topic: eclass/b, tls: true, port: 8884}") == 8884
+    # the same as the fleet's mqtts:// URL
+    url = parse_connection_url("mqtts://broker.example/eclass/b")
+    assert (
+        url["port"]
+        == MqttDeviceConnection.model_validate(
+            {"type": "mqtt", "host": "broker.example", "topic": "eclass/b", "tls": True}
+        ).port
+    )
+
+
 def test_connection_rules() -> None:
     with pytest.raises(ValidationError, match="set 'tls: true' too"):
         MqttDeviceConnection(type="mqtt", topic="eclass/b", ca_file=Path("/etc/ca.pem"))
@@ -363,7 +407,7 @@ def test_feed_rejects_only_what_is_bad() -> None:
     result = feed.poll()
     assert dict(result.rejected) == {
         "screen": "expected bool, got 'dim' (eclass/t/state display.screen)",
-        "brightness": "140 above the valid maximum 100.0 (eclass/t/state display.brightness)",
+        "brightness": "140 above the valid maximum 100 (eclass/t/state display.brightness)",
         "storage_free": "expected int, got 'lots' (eclass/t/state disks.0.free_mb)",
         "temperature": "no field 'device.temperature_c' in the payload on eclass/t/state",
     }
@@ -522,7 +566,7 @@ async def test_no_answer_and_refusals(broker: MosquittoBroker, pool: Pool) -> No
         )
         for bad, options, message in [
             ("x" * 281, {}, "the text has 281 characters, at most 280"),
-            ("Hello", {"minutes": 0}, "--minutes: 0 is below the minimum 1.0"),
+            ("Hello", {"minutes": 0}, "--minutes: 0 is below the minimum 1"),
             ("Hello", {"hours": 1}, "has no option hours"),
             (None, {}, "needs an argument"),
         ]:
@@ -590,7 +634,7 @@ async def test_garbage_and_wrong_values_from_an_independent_publisher(
         "uptime": 12,
     }
     assert dict(result.rejected) == {
-        "storage_free": f"-3 below the valid minimum 0.0 ({topic}/state disks.0.free_mb)",
+        "storage_free": f"-3 below the valid minimum 0 ({topic}/state disks.0.free_mb)",
         "temperature": f"expected float, got 'hot' ({topic}/state device.temperature_c)",
     }
 

@@ -186,7 +186,7 @@ def test_agent_identity_devices_and_sockets() -> None:
     assert single(values, "DevicePolicy") == "closed"
     assert sorted(values["DeviceAllow"]) == ["char-ttyAMA rw", "char-ttyUSB rw"]
     families = set(single(values, "RestrictAddressFamilies").split())
-    assert families == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_BLUETOOTH"}
+    assert families == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
 
 
 @pytest.mark.parametrize("unit_name", ["campus-fleet.service", "campus-sim.service"])

@@ -7,10 +7,12 @@ alive; an encrypted advert whose counter is not above the last one is a replay a
 unless the counter keeps rising from its new start while the sensor is otherwise silent (it
 restarted); a malformed advert (wrong key, truncated, unknown object) is counted and changes
 nothing. `read()` returns the latest value of each point, and fails when nothing valid was heard
-for `offline_after` × the advert interval. GATT (`mode: gatt`): connect, read the profile's
-characteristics, disconnect; a connection attempt is bounded by `timeout_s` and retried with
-back-off; at most `max_connections` connections per adapter at a time. An adapter that is
-missing or powered off fails every read of its devices with a clear DriverError.
+for `offline_after` × the advert interval; `open()` (the installer's probe, never the agent's
+coordinator) waits up to one advert interval for a valid advert and fails when none came.
+GATT (`mode: gatt`): connect, read the profile's characteristics, disconnect; a connection
+attempt is bounded by `timeout_s` and retried with back-off; at most `max_connections`
+connections per adapter at a time. An adapter that is missing or powered off fails every read
+of its devices with a clear DriverError.
 """
 
 from __future__ import annotations
@@ -107,9 +109,13 @@ class _BleDriver(Driver):
     def _on_advert(self, advert: Advert) -> None:
         pass
 
-    async def open(self) -> None:
+    async def scan(self) -> None:
+        """Listening, with the adapter's scan running; does not wait for an advert."""
         self._listen()
         await self.scanner.ensure()
+
+    async def open(self) -> None:
+        await self.scan()
 
     async def close(self) -> None:
         if self._registration is not None:
@@ -151,6 +157,7 @@ class BthomeDriver(_BleDriver):
         self._packet_id: int | None = None
         self._counter: int | None = None
         self._rising: tuple[int, int] | None = None  # (replays in a row rising, last counter)
+        self._alive = asyncio.Event()  # set by each valid advert, for open()
 
     # adverts
 
@@ -165,7 +172,7 @@ class BthomeDriver(_BleDriver):
         if data == self._last_data:  # BlueZ repeats the service data with each new RSSI
             self.counters.duplicates += 1
             if self._last_data_good:
-                self.last_good = advert.at
+                self._good(advert.at)
             return
         self._last_data = bytes(data)
         self._last_data_good = False
@@ -190,7 +197,7 @@ class BthomeDriver(_BleDriver):
             )
             return
         self._last_data_good = True
-        self.last_good = advert.at
+        self._good(advert.at)
         if parsed.counter is not None:
             self._counter = parsed.counter
         if parsed.packet_id is not None and parsed.packet_id == self._packet_id:
@@ -202,6 +209,10 @@ class BthomeDriver(_BleDriver):
         if self.problem is not None:
             log.info("%s: adverts are accepted again", self.address)
             self.problem = None
+
+    def _good(self, at: float) -> None:
+        self.last_good = at
+        self._alive.set()
 
     def _refused(self, advert: Advert, why: str) -> None:
         if self.problem is None:
@@ -231,9 +242,32 @@ class BthomeDriver(_BleDriver):
 
     # polls
 
+    async def open(self) -> None:
+        """Scans and waits, up to one advert interval, for a valid advert of this sensor, so
+        that a one-off probe shows values; DriverError when none came. The agent's coordinator
+        never calls it: the daemon starts without waiting for its sensors."""
+        await self.scan()
+        self._alive.clear()
+        started = time.monotonic()
+        if self.last_good is not None and started - self.last_good <= self.window_s:
+            return
+        try:
+            async with asyncio.timeout(self.interval_s):
+                await self._alive.wait()
+        except TimeoutError:
+            if self.last_heard is not None and self.last_heard >= started:
+                raise self._refused_error() from None
+            by_name = (
+                f" (named {self.connection.local_name!r})" if self.connection.local_name else ""
+            )
+            raise DriverError(
+                f"no advert from {self.address}{by_name} within {self.interval_s:g} s on "
+                f"{self.connection.adapter}: check that the sensor is in range, its battery, its "
+                "address, and that it advertises BTHome v2"
+            ) from None
+
     async def read(self) -> PollResult:
-        self._listen()
-        await self.scanner.ensure()
+        await self.scan()
         now = time.monotonic()
         if self.last_good is None or now - self.last_good > self.window_s:
             self._silent(now)
@@ -261,14 +295,17 @@ class BthomeDriver(_BleDriver):
             return None if self.last_good is None else round(now - self.last_good, 1)
         return self.values.get(point.source)
 
+    def _refused_error(self) -> DriverError:
+        c = self.counters
+        return DriverError(
+            f"{self.address}: adverts heard but refused ({c.malformed} malformed, "
+            f"{c.replayed} replayed); last: {self.problem}"
+        )
+
     def _silent(self, now: float) -> None:
         """Raises unless scanning (re)started less than the offline window ago."""
         if self.last_heard is not None and now - self.last_heard <= self.window_s:
-            c = self.counters
-            raise DriverError(
-                f"{self.address}: adverts heard but refused ({c.malformed} malformed, "
-                f"{c.replayed} replayed); last: {self.problem}"
-            )
+            raise self._refused_error()
         started = self.scanner.started_at
         if started is not None and now - started <= self.window_s:
             return
@@ -303,8 +340,7 @@ class GattDriver(_BleDriver):
         self.counters = GattCounters()
 
     async def read(self) -> PollResult:
-        self._listen()
-        await self.scanner.ensure()
+        await self.scan()
         async with self.pool.slots(self.connection.adapter):
             client = await self._connect()
             try:

@@ -6,6 +6,7 @@ or `rssi` / `last_seen_s` (the radio). The device is down when no advert was hea
 `offline_after` × `advert_interval_s`.
 `mode: gatt` — the gateway connects on each poll and reads characteristics; a point's `source`
 is a characteristic UUID that `drivers/ble/gatt.py` decodes ("2a6e" or its 128-bit form).
+Neither has a per-point `poll_interval_s`: it is refused.
 Imports neither bleak nor cryptography: profiles load on gateways without BLE devices too.
 """
 
@@ -45,6 +46,16 @@ class BlePoint(Point):
         text = source.strip().lower()
         short = gatt.short_uuid(text)
         return short if short is not None else text
+
+    @model_validator(mode="after")
+    def _no_poll_interval(self) -> BlePoint:
+        if self.poll_interval_s is not None:
+            raise ValueError(
+                "BTHome sensors are push devices, they report when they advertise, and a GATT "
+                "sensor is read whole at each poll: poll_interval_s does not apply to BLE "
+                "points (remove it; the device's interval_s sets how often they are recorded)"
+            )
+        return self
 
 
 class BleProfile(ProfileBase):

@@ -1,19 +1,20 @@
 """`connection:` of a device that publishes on an MQTT broker (an e-class board, a sensor hub):
 the broker (the gateway's own by default, or a vendor's) and the device's base topic.
 
-Devices with the same broker, port, credentials, TLS settings and MQTT version share one
-client session on the gateway."""
+The port is 1883, or 8883 with `tls: true` when none is given. Devices with the same broker,
+port, credentials, TLS settings and MQTT version share one client session on the gateway."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from wire.net import bare_host
 
 TOPIC_PATTERN = r"^[^#+\x00]{1,200}$"
+MQTT_TLS_PORT = 8883  # as mqtts:// URLs mean
 
 
 class MqttDeviceConnection(BaseModel):
@@ -22,7 +23,7 @@ class MqttDeviceConnection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, regex_engine="python-re")
     type: Literal["mqtt"]
     host: Annotated[str, AfterValidator(bare_host)] = "localhost"
-    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    port: Annotated[int, Field(ge=1, le=65535, description="1883, or 8883 with tls")] = 1883
     username: str | None = None
     password: str | None = None
     tls: bool = False
@@ -40,6 +41,13 @@ class MqttDeviceConnection(BaseModel):
         "first status; below the device's own timeout_s (5 s) so that its reason is the one "
         "reported",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_port(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tls") is True and "port" not in data:
+            return {**data, "port": MQTT_TLS_PORT}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> MqttDeviceConnection:

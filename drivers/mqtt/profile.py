@@ -4,7 +4,8 @@ that are points, how it says it is online, and the publishes that are its comman
 Every topic here is relative to the device's base topic (the connection's `topic`, e.g.
 `eclass/board-101`): `state` means `eclass/board-101/state`, and '' the base topic itself.
 Templates are checked at load: every placeholder must have a value, the argument and every
-option must be sent, and a command whose answer is matched by id must send `{request}`.
+option must be sent, and a command whose answer is matched by id must send `{request}`. A point
+has no `poll_interval_s`: the device pushes its values, each poll records the latest.
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ class MqttPoint(Point):
 
     topic: RelativeTopic
     path: JsonPath = ""
+
+    @model_validator(mode="after")
+    def _pushed(self) -> MqttPoint:
+        if self.poll_interval_s is not None:
+            raise ValueError(
+                "MQTT devices are push devices, they report when they publish: "
+                "poll_interval_s does not apply (remove it; each poll records the latest value "
+                "heard, every interval_s of the device)"
+            )
+        return self
 
 
 class StatusSpec(_Strict):
