@@ -37,7 +37,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from wire.models import Id
-from wire.mqtt import wakeup_pair
+from wire.mqtt import no_delay, wakeup_pair
 from wire.net import bare_host
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,7 @@ class RunningBoard:
         if reason_code.is_failure:
             log.warning("board %s: broker refused: %s", self.spec.id, reason_code)
             return
+        no_delay(client)
         client.subscribe(self.topic("cmd"), qos=1)
         if self.fault is not BoardFault.OFFLINE:  # a board shutting down does not say "online"
             client.publish(self.topic("status"), b"online", qos=1, retain=True)

@@ -133,6 +133,7 @@ class MosquittoBroker:
             "autosave_on_changes true",
             f"max_queued_messages {self.max_queued}",
             "max_inflight_messages 100",
+            "set_tcp_nodelay true",
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",

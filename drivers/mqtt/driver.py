@@ -44,7 +44,7 @@ from drivers.mqtt.codec import (
 from drivers.mqtt.connection import MqttDeviceConnection
 from drivers.mqtt.profile import HeartbeatSpec, MqttPoint, MqttProfile, ReplySpec, StatusSpec
 from drivers.profile_base import DeviceKind
-from wire.mqtt import wakeup_pair
+from wire.mqtt import no_delay, wakeup_pair
 from wire.net import host_port
 
 log = logging.getLogger(__name__)
@@ -501,6 +501,7 @@ class BrokerSession:
         if reason_code.is_failure:
             self._call(self._failed, f"broker {self.address} refused the connection: {reason_code}")
         else:
+            no_delay(client)
             self._call(self._up)
 
     def _on_disconnect(
