@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import shutil
 import signal
 import sys
@@ -23,6 +22,7 @@ from agent.buffer import BufferError
 from agent.config import AgentConfig, DeviceConfig, PolicySettings, load_config
 from drivers.base import Value
 from drivers.profiles import ProfileLibrary
+from wire.command_words import extra_words, split_words
 from wire.errors import DocumentError
 
 EXIT_RUNTIME = 1
@@ -259,7 +259,6 @@ def write(config_path: Path, device: str, point: str, value: str) -> None:
 
 
 COMMAND_USAGE = "DEVICE NAME [ARGUMENT] [--OPTION VALUE]..."
-_OPTION_NAME = re.compile(r"^[a-z0-9_][a-z0-9_.-]{0,63}$")
 
 
 def split_command_words(
@@ -268,46 +267,12 @@ def split_command_words(
     """(device, command, argument text, named options) from the words of `command` that click
     did not take: --NAME VALUE, --NAME=VALUE, a bare --NAME (on), and -o NAME=VALUE pairs.
     ValueError naming what is wrong."""
-    positionals: list[str] = []
-    named: dict[str, str] = {}
-
-    def add(name: str, value: str, written: str) -> None:
-        if not _OPTION_NAME.match(name):
-            raise ValueError(f"{written!r} is not an option name (--name VALUE)")
-        if name in named:
-            raise ValueError(f"option --{name} is given twice")
-        named[name] = value
-
-    index = 0
-    while index < len(words):
-        word = words[index]
-        if word.startswith("--") and len(word) > 2:
-            name, equals, value = word[2:].partition("=")
-            if not equals:
-                following = words[index + 1] if index + 1 < len(words) else None
-                if following is None or following.startswith("--"):
-                    value = "true"
-                else:
-                    value = following
-                    index += 1
-            add(name, value, word)
-        else:
-            positionals.append(word)
-        index += 1
-    for pair in pairs:
-        name, equals, value = pair.partition("=")
-        if not equals:
-            raise ValueError(f"-o {pair!r}: write NAME=VALUE")
-        add(name, value, f"-o {pair}")
+    positionals, named = split_words(words, pairs)
     if len(positionals) < 2:
         missing = "NAME" if positionals else "DEVICE and NAME"
         raise ValueError(f"missing {missing}: campus-agent command {COMMAND_USAGE}")
     if len(positionals) > 3:
-        extra = " ".join(repr(word) for word in positionals[3:])
-        raise ValueError(
-            f"unexpected {extra} after ARGUMENT {positionals[2]!r} (put text with spaces in "
-            "quotes; options are --OPTION VALUE)"
-        )
+        raise ValueError(extra_words(positionals, "--OPTION VALUE"))
     device, name, *rest = positionals
     return device, name, rest[0] if rest else None, named
 

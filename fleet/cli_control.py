@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +44,7 @@ from fleet.settings import NodeSettings, SettingsError, validate_settings
 from fleet.store import Store
 from fleet.timefmt import ago, iso
 from fleet.versions import APPLIED, PENDING, REJECTED, SENT, Versions, carries
+from wire.command_words import extra_words, split_words
 from wire.documents import read_yaml
 from wire.errors import DocumentError
 from wire.signing import body_hash
@@ -873,7 +873,6 @@ answered ok, 4 when some did not, 1 when none did, 2 when the command line or it
 are wrong, 3 when SELECTOR matches no device.
 """
 CMD_USAGE = "[SELECTOR] ACTION [ARGUMENT] [--NAME VALUE]..."
-_OPTION_NAME = re.compile(r"^[a-z0-9_][a-z0-9_.-]{0,63}$")
 
 
 class CommandLineError(ValueError):
@@ -885,37 +884,10 @@ def split_command_line(
 ) -> tuple[str, str, str | None, dict[str, str]]:
     """(selector, action, argument text, named options) from the words after `cmd` that
     click did not take (`--site` stands for the selector `site:SITE`)."""
-    positionals: list[str] = []
-    named: dict[str, str] = {}
-
-    def add(name: str, value: str, written: str) -> None:
-        if not _OPTION_NAME.match(name):
-            raise CommandLineError(f"{written!r} is not an option name (--name VALUE)")
-        if name in named:
-            raise CommandLineError(f"option --{name} is given twice")
-        named[name] = value
-
-    index = 0
-    while index < len(words):
-        word = words[index]
-        if word.startswith("--") and len(word) > 2:
-            name, equals, value = word[2:].partition("=")
-            if not equals:
-                following = words[index + 1] if index + 1 < len(words) else None
-                if following is None or following.startswith("--"):
-                    value = "true"
-                else:
-                    value = following
-                    index += 1
-            add(name, value, word)
-        else:
-            positionals.append(word)
-        index += 1
-    for pair in pairs:
-        name, equals, value = pair.partition("=")
-        if not equals:
-            raise CommandLineError(f"-o {pair!r}: write NAME=VALUE")
-        add(name, value, f"-o {pair}")
+    try:
+        positionals, named = split_words(words, pairs)
+    except ValueError as exc:
+        raise CommandLineError(str(exc)) from None
     if site is not None:
         if positionals and ":" in positionals[0]:
             raise CommandLineError(f"give SELECTOR ({positionals[0]}) or --site, not both")
@@ -924,11 +896,7 @@ def split_command_line(
         missing = "ACTION" if positionals else "SELECTOR and ACTION (or --site SITE and ACTION)"
         raise CommandLineError(f"missing {missing}: campus-fleet cmd {CMD_USAGE}")
     if len(positionals) > 3:
-        extra = " ".join(repr(word) for word in positionals[3:])
-        raise CommandLineError(
-            f"unexpected {extra} after ARGUMENT {positionals[2]!r} (put text with spaces "
-            "in quotes; options are --NAME VALUE)"
-        )
+        raise CommandLineError(extra_words(positionals, "--NAME VALUE"))
     selector, action, *rest = positionals
     return selector, action, rest[0] if rest else None, named
 
