@@ -37,6 +37,7 @@ from wire.control import CommandRequest
 from wire.errors import InvalidMessage
 from wire.gateway_config import ManagedConfig, device_kind
 from wire.models import (
+    DEVICE_REASON_MAX,
     BufferState,
     DeviceState,
     EventKind,
@@ -159,6 +160,9 @@ class Agent:
                 profile=loop.device.profile,
                 kind=device_kind(loop.device, self.profiles).value,
                 up=loop.health.up,
+                reason=(loop.health.last_error or "no answer")[:DEVICE_REASON_MAX]
+                if loop.health.up is False
+                else None,
             )
             for device_id, loop in self.coordinator.loops.items()
         ]

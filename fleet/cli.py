@@ -197,6 +197,8 @@ def devices_list(
     \b
     availability  up or down as its gateway reports it ("down 5m": for 5 minutes),
                   unknown while the gateway is offline or has not said yet
+    reason        why a down device is down: the gateway's last error for it
+                  (the column appears when a device is down)
     last reading  when its newest reading was taken
     --points      a second table: the latest value of every point each device reports,
                   with its unit and age (the health points of projectors, boards and
@@ -239,6 +241,7 @@ def devices_list(
                 "availability": state,
                 "gateway_status": r["gateway_status"] or "unknown",
                 "down_since": iso(r["down_since_ns"]) if state == "down" else None,
+                "reason": r.get("reason") if state == "down" else None,
                 "last_reading": iso(r["last_seen_ns"]),
             }
             if with_points:
@@ -256,13 +259,15 @@ def devices_list(
         emit_json(shown)
         return
     table = Table(title=f"Devices ({len(rows)})")
-    for column in ("site", "gateway", "device", "kind", "profile", "availability", "last reading"):
+    columns = ["site", "gateway", "device", "kind", "profile", "availability", "last reading"]
+    any_down = any(availability(r) == "down" for r in rows)
+    for column in [*columns, "reason"] if any_down else columns:
         table.add_column(column)
     for r in rows:
         state = availability(r)
         style = {"up": "green", "down": "red"}.get(state, "yellow")
         since = f" {ago(r['down_since_ns'], now).removesuffix(' ago')}" if state == "down" else ""
-        table.add_row(
+        cells = [
             r["site"],
             r["gateway"],
             r["device"],
@@ -270,7 +275,10 @@ def devices_list(
             r["profile"] or "-",
             f"[{style}]{state}[/]{since}",
             ago(r["last_seen_ns"], now),
-        )
+        ]
+        if any_down:
+            cells.append(escape(r.get("reason") or "-") if state == "down" else "")
+        table.add_row(*cells)
     console.print(table)
     if not with_points:
         return

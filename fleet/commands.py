@@ -2,10 +2,11 @@
 
 A command row is `pending` until the service published it on the gateway's `…/cmd` topic, then
 `sent`, then the outcome the gateway reported (`ok`, `device_error`, …), or `timeout` when no
-answer came before its deadline. Each row's id is the correlation id that travels with the
-request and comes back with the result. A command carries its argument and named options
-(`--minutes 10`), checked against every targeted device's profile before it is queued
-(`check_command`).
+answer came before its deadline. `sent_ns` is written when the service publishes it (a quick
+device answers before the PUBACK is seen) and cleared if that publication fails. Each row's id
+is the correlation id that travels with the request and comes back with the result. A command
+carries its argument and named options (`--minutes 10`), checked against every targeted device's
+profile before it is queued (`check_command`).
 """
 
 from __future__ import annotations
@@ -183,10 +184,28 @@ class Commands:
             for r in rows
         ]
 
+    def mark_publishing(self, ids: list[str], now_ns: int) -> None:
+        """The service publishes these pending commands now: their sent time (call inside a
+        transaction, before publishing)."""
+        self.conn.executemany(
+            "UPDATE commands SET sent_ns = ? WHERE id = ? AND status = ?",
+            [(now_ns, command_id, PENDING) for command_id in ids],
+        )
+
+    def mark_unsent(self, ids: list[str]) -> None:
+        """Their publication failed (to be tried again): not sent after all, unless answered."""
+        self.conn.executemany(
+            "UPDATE commands SET sent_ns = NULL WHERE id = ? AND status = ?",
+            [(command_id, PENDING) for command_id in ids],
+        )
+
     def mark_sent(self, ids: list[str]) -> None:
+        """The broker acknowledged them. One already answered keeps its outcome; either way
+        the sent time is the publication's (`mark_publishing`)."""
         now = time.time_ns()
         self.conn.executemany(
-            "UPDATE commands SET status = ?, sent_ns = ? WHERE id = ? AND status = ?",
+            "UPDATE commands SET status = ?, sent_ns = coalesce(sent_ns, ?) "
+            "WHERE id = ? AND status = ?",
             [(SENT, now, command_id, PENDING) for command_id in ids],
         )
 

@@ -222,8 +222,9 @@ class ControlPlane:
         done, failed_commands = self._commands.finished(now, connected)
         for command_id, why in failed_commands:
             log.warning("command %s not sent yet: %s", command_id, why)
-        if done:
+        if done or failed_commands:
             with self.store.transaction():
+                self.commands.mark_unsent([command_id for command_id, _why in failed_commands])
                 self.commands.mark_sent([command_id for command_id, _payload in done])
 
     def _documents(self) -> list[tuple[Versions, _InFlight[ConfigKey]]]:
@@ -271,8 +272,17 @@ class ControlPlane:
             in_flight.add(key, future, payload.decode(), now)
 
     def _send_commands(self, now: float) -> None:
-        for site, gateway, request in self.commands.pending():
-            if self._commands.busy(request.id, now):
-                continue
+        due = [
+            (site, gateway, request)
+            for site, gateway, request in self.commands.pending()
+            if not self._commands.busy(request.id, now)
+        ]
+        if not due:
+            return
+        # The sent time is written before the publication: a device that answers at once may
+        # have answered before the PUBACK is collected (and before `cmd` prints the batch).
+        with self.store.transaction():
+            self.commands.mark_publishing([request.id for _s, _g, request in due], time.time_ns())
+        for site, gateway, request in due:
             future = self.link.publish(topic(site, gateway, Channel.CMD), encode(request), qos=1)
             self._commands.add(request.id, future, "", now)

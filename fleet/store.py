@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlite_utils
 
-from wire.models import Event, GatewayState, Reading, Status
+from wire.models import DEVICE_REASON_MAX, Event, GatewayState, Reading, Status
 
 GAPS_SHOWN = 1000
 
@@ -108,6 +108,7 @@ TABLES: dict[str, TableSpec] = {
             "up": int,
             "last_seen_ns": int,
             "down_since_ns": int,  # reported down since (fleet's clock); NULL once up again
+            "reason": str,  # why it is down (the agent's last error); NULL once up again
         },
         pk=("site", "gateway", "device"),
     ),
@@ -497,15 +498,29 @@ class Store:
         )
         for device in state.devices or []:
             up = None if device.up is None else int(device.up)
+            # While down or unknown, a state without a reason (an older agent) keeps the one
+            # the device_down event gave.
             self.conn.execute(
-                "INSERT INTO devices (site, gateway, device, profile, kind, up, down_since_ns) "
-                "VALUES (?, ?, ?, ?, ?, ?, CASE WHEN ? = 0 THEN ? END) "
+                "INSERT INTO devices (site, gateway, device, profile, kind, up, down_since_ns, "
+                "reason) VALUES (?, ?, ?, ?, ?, ?, CASE WHEN ? = 0 THEN ? END, ?) "
                 "ON CONFLICT (site, gateway, device) DO UPDATE SET "
                 "profile = excluded.profile, kind = excluded.kind, up = excluded.up, "
                 "down_since_ns = CASE WHEN excluded.up = 0 THEN "
                 "coalesce(devices.down_since_ns, excluded.down_since_ns) "
-                "WHEN excluded.up IS NULL THEN devices.down_since_ns END",  # unknown: not back
-                (site, gateway, device.id, device.profile, device.kind, up, up, seen_ns),
+                "WHEN excluded.up IS NULL THEN devices.down_since_ns END, "  # unknown: not back
+                "reason = CASE WHEN excluded.up = 1 THEN NULL "
+                "ELSE coalesce(excluded.reason, devices.reason) END",
+                (
+                    site,
+                    gateway,
+                    device.id,
+                    device.profile,
+                    device.kind,
+                    up,
+                    up,
+                    seen_ns,
+                    None if up == 1 else _bounded(device.reason),
+                ),
             )
 
     def record_event(self, site: str, gateway: str, event: Event) -> None:
@@ -530,8 +545,19 @@ class Store:
             up = int(event.kind.value == "device_up")
             self.conn.execute(
                 "UPDATE devices SET up = ?, down_since_ns = CASE WHEN ? THEN NULL "
-                "ELSE coalesce(down_since_ns, ?) END WHERE site = ? AND gateway = ? AND device = ?",
-                (up, up, now, site, gateway, event.device),
+                "ELSE coalesce(down_since_ns, ?) END, "
+                "reason = CASE WHEN ? THEN NULL ELSE coalesce(reason, ?) END "
+                "WHERE site = ? AND gateway = ? AND device = ?",
+                (
+                    up,
+                    up,
+                    now,
+                    up,
+                    _bounded(event.message),
+                    site,
+                    gateway,
+                    event.device,
+                ),
             )
         if inserted and event.kind.value == "buffer_eviction":
             self.conn.execute(
@@ -631,6 +657,10 @@ class Store:
 
     def rejected_count(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM rejected").fetchone()[0])
+
+
+def _bounded(reason: str | None) -> str | None:
+    return None if reason is None else reason[:DEVICE_REASON_MAX]
 
 
 class _Transaction:

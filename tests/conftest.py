@@ -45,14 +45,17 @@ class Processes:
         self.logdir = logdir
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, script: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, script: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """`env`: variables set for this process only, over this one's environment."""
         log = (self.logdir / f"{name}.log").open("ab")
         process = subprocess.Popen(
             [str(BIN / script), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         log.close()
         self.running[name] = process

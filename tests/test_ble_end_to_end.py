@@ -180,12 +180,14 @@ def campus(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker) ->
         assert address == f"unix:path={workdir / 'system_bus_socket'}"
         env.processes.start("fleet", "campus-fleet", "--config", str(config), "serve")
         wait_for(lambda: "subscribed to" in env.processes.log("fleet"), 20, what="fleet up")
-        # Processes.start passes its own environment on: the agent's bus is set in it.
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)
-            env.processes.start(
-                "agent", "campus-agent", "run", "--config", str(base / "agent.yaml")
-            )
+        env.processes.start(
+            "agent",
+            "campus-agent",
+            "run",
+            "--config",
+            str(base / "agent.yaml"),
+            env={"DBUS_SYSTEM_BUS_ADDRESS": address},
+        )
         wait_for(
             lambda: [g["status"] for g in env.json("gateways", "list")] == ["online"],
             30,

@@ -81,11 +81,19 @@ class BufferState(_Message):
     last_seq: Annotated[int, Field(ge=0)] = 0
 
 
+#: The longest `DeviceState.reason`; the agent cuts a longer error to it.
+DEVICE_REASON_MAX = 500
+
+
 class DeviceState(_Message):
+    """`reason`: why the device is down (its last error), only while `up` is false; agents
+    before it omit it."""
+
     id: Id
     profile: str
     kind: str
     up: bool | None = None
+    reason: Annotated[str, Field(max_length=DEVICE_REASON_MAX)] | None = None
 
 
 class PolicyCounter(_Message):
