@@ -195,11 +195,11 @@ def probe(config_path: Path, devices: tuple[str, ...], as_json: bool) -> None:
     every device answered with plausible values, 1 otherwise. Stop the agent first when the
     devices share a serial line with it.
     """
-    from rich.console import Console
     from rich.table import Table
 
     from agent.tools import probe as run_probe
     from agent.tools import select
+    from wire.terminal import make_console
 
     config, library = _load(config_path)
     try:
@@ -210,7 +210,7 @@ def probe(config_path: Path, devices: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([result.__dict__ for result in results], indent=2))
     else:
-        console = Console()
+        console = make_console()
         for result in results:
             title = f"{result.device} ({result.profile}) — {result.seconds * 1000:.0f} ms"
             if result.error:

@@ -19,34 +19,17 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from rich.console import Console
 
 from fleet.config import FleetConfig, load_config
 from fleet.store import Store
 from fleet.timefmt import parse_since
 from wire.errors import DocumentError
+from wire.terminal import make_console
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_PARTIAL = 4
-
-#: Table width when standard output is a pipe or a file: rich would use 80 columns and cut
-#: cells ("a201-boa…"), so `campus-fleet devices list | grep a201-board` would find nothing.
-PIPE_WIDTH = 200
-
-
-def make_console() -> Console:
-    """A terminal keeps its own width; a pipe or a file gets `PIPE_WIDTH` (at least), unless
-    `COLUMNS` says otherwise."""
-    made = Console()
-    try:
-        piped = not sys.stdout.isatty()
-    except (AttributeError, ValueError):  # no stdout, or a closed one
-        piped = True
-    if piped and not os.environ.get("COLUMNS", "").isdigit():
-        made.width = max(PIPE_WIDTH, made.width)
-    return made
 
 
 console = make_console()

@@ -86,9 +86,20 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     procs.close()
 
 
+def cli_environment() -> dict[str, str]:
+    """This process's environment without the COLUMNS and LINES that pytest's readline puts in
+    the C environment (unseen by os.environ, yet inherited): tools see a pipe, as in production."""
+    return {name: value for name, value in os.environ.items() if name not in ("COLUMNS", "LINES")}
+
+
 def run_cli(script: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / script), *args], capture_output=True, text=True, timeout=timeout, check=False
+        [str(BIN / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=cli_environment(),
     )
 
 

@@ -35,7 +35,7 @@ from fleet.cli import main
 from fleet.commands import Commands, Target
 from fleet.store import Store
 from simulator.broker import MosquittoBroker, free_ports
-from tests.conftest import BIN, REPO, Processes, wait_for, write_yaml
+from tests.conftest import BIN, REPO, Processes, cli_environment, wait_for, write_yaml
 from wire.control import CommandOutcome, CommandResult
 from wire.models import DEVICE_REASON_MAX, DeviceState, Event, EventKind, GatewayState
 
@@ -49,10 +49,7 @@ DEAD = "lab-b-204-unplugged-co2-sensor-behind-the-shelf"
 
 
 def shell_env(**extra: str) -> dict[str, str]:
-    """This environment as a shell passes it on: without COLUMNS and LINES, which a shell keeps
-    to itself but GNU readline (imported by pytest) exports to every child process."""
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    return {**env, **extra}
+    return {**cli_environment(), **extra}
 
 
 @dataclass
