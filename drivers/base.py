@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from drivers.profile_base import Point
+
 Value = bool | int | float | str
 
 
@@ -18,6 +20,15 @@ Value = bool | int | float | str
 class PollResult:
     values: list[tuple[str, Value]] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (point, why)
+
+    def add(self, point: Point, raw: Any) -> bool:
+        """Keeps `raw` as the point's value if its type and range allow, else the reason."""
+        value, why = point.check(raw)
+        if value is None:
+            self.rejected.append((point.name, why or "no value"))
+            return False
+        self.values.append((point.name, value))
+        return True
 
 
 class Driver(ABC):

@@ -281,11 +281,7 @@ class BthomeDriver(_BleDriver):
                         (point.name, f"BTHome object {point.source!r} is not in the adverts")
                     )
                 continue
-            value, why = point.check(raw)
-            if value is None:
-                result.rejected.append((point.name, why or "refused"))
-            else:
-                result.values.append((point.name, value))
+            result.add(point, raw)
         return result
 
     def _raw(self, point: BlePoint, now: float) -> Value | None:
@@ -396,11 +392,7 @@ class GattDriver(_BleDriver):
             if raw is None:
                 result.rejected.append((point.name, "the device reports 'value is not known'"))
                 continue
-            value, why = point.check(raw)
-            if value is None:
-                result.rejected.append((point.name, why or "refused"))
-            else:
-                result.values.append((point.name, value))
+            result.add(point, raw)
         return result
 
     async def _read_char(

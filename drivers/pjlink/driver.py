@@ -355,11 +355,7 @@ class PjlinkDriver(Driver):
                 self.bad_answers += 1
                 result.rejected.append((point.name, str(error.at(self.address))))
                 continue
-            value, why = point.check(raw)
-            if why is not None or value is None:
-                result.rejected.append((point.name, why or "no value"))
-            else:
-                result.values.append((point.name, value))
+            result.add(point, raw)
 
     async def command(
         self, name: str, argument: Any = None, options: dict[str, Any] | None = None
