@@ -100,7 +100,7 @@ def run(scenario: str, log_level: str) -> None:
     type=click.IntRange(1, 50),
     default=3,
     show_default=True,
-    help="Simulated classrooms, one sensor each.",
+    help="Simulated classrooms, each with a sensor, a projector and an e-class board.",
 )
 @click.option(
     "--workdir",
