@@ -163,6 +163,10 @@ class Agent:
                 reason=(loop.health.last_error or "no answer")[:DEVICE_REASON_MAX]
                 if loop.health.up is False
                 else None,
+                # known only once the device has answered since the agent started
+                alarms=sorted(point for point, watch in loop.alarms.items() if watch.active)
+                if loop.health.up is True
+                else None,
             )
             for device_id, loop in self.coordinator.loops.items()
         ]

@@ -2,9 +2,11 @@
 
 Rules: an alert is identified by its key (rule|site|gateway|device|point), is open at most once per
 key, and is raised once and cleared once. Thresholds are timed on the readings' own timestamps;
-offline and eviction rules on the fleet's clock, from columns the store keeps (`*_since_ns`), so
-they survive a restart. Hooks run inside the ingest transaction and only queue messages; `take()`
-after the commit hands over what the commit kept: an alert lost to a rollback is never published.
+agents' alarms follow the agent's raised and cleared events (one delivered twice is known by its
+timestamp); offline and eviction rules on the fleet's clock, from columns the store keeps
+(`*_since_ns`), so they survive a restart. Hooks run inside the ingest transaction and only queue
+messages; `take()` after the commit hands over what the commit kept: an alert lost to a rollback
+is never published.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from enum import StrEnum
 from functools import partial
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from drivers.profiles import PROFILE_ID, DeviceKind
 from fleet.store import Store
 from wire.control import Ack, AckStatus, AlertMessage, AlertState
+from wire.errors import InvalidMessage, Problem
 from wire.models import Event, EventKind, GatewayState, Id, PointName, Quality, Reading, encode
 from wire.mqtt import MqttError, MqttLink
-from wire.topics import alerts_topic
+from wire.topics import Channel, alerts_topic, topic
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,18 @@ class DeviceOfflineRule(_DeviceRule):
         return f"device down for {span(self.for_s)}"
 
 
+class DeviceAlarmRule(_DeviceRule):
+    """An agent's `alarm` event (a profile's or the device's thresholds crossed): one alert per
+    device and point, raised by the agent's `raised` event and cleared by its `cleared` one."""
+
+    type: Literal["device_alarm"]
+    points: list[PointName] = Field(default_factory=list, description="only these points")
+
+    def describe(self) -> str:
+        which = ", ".join(self.points) if self.points else "any point"
+        return f"the agent's alarm on {which}; clears when the agent clears it"
+
+
 class GatewayOfflineRule(_Rule):
     """A gateway offline (its Last Will, or a planned stop) for `for_s`."""
 
@@ -176,7 +191,9 @@ class ConfigRejectedRule(_Rule):
 
 
 TimedRule = DeviceOfflineRule | GatewayOfflineRule | BufferEvictingRule
-AlertRule = Annotated[ThresholdRule | TimedRule | ConfigRejectedRule, Field(discriminator="type")]
+AlertRule = Annotated[
+    ThresholdRule | DeviceAlarmRule | TimedRule | ConfigRejectedRule, Field(discriminator="type")
+]
 
 
 def _unique_ids(rules: list[AlertRule]) -> list[AlertRule]:
@@ -271,6 +288,16 @@ _OUT_OF_SCOPE = _Tracker("", "", "", "")
 _UNSYNCED = int(Quality.CLOCK_UNSYNCED)
 
 
+class _AlarmData(BaseModel):
+    """What an `alarm` event's `data` must hold to open or clear an alert (agent/coordinator.py's
+    AlarmWatch also sends `level`, `high` and `low`: the message already says them)."""
+
+    model_config = ConfigDict(frozen=True)
+    point: PointName
+    value: Annotated[float, Field(strict=True, allow_inf_nan=False)]
+    state: Literal["raised", "cleared"]
+
+
 @dataclass(frozen=True, slots=True)
 class _Condition:
     """A wall-time condition that holds now; `ready` once it held for the rule's `for_s`."""
@@ -297,6 +324,8 @@ class AlertEngine:
         for rule in self.rules.values():
             if isinstance(rule, ThresholdRule):
                 self._by_point.setdefault(rule.point, []).append(_Threshold.of(rule))
+        self._alarms = [r for r in self.rules.values() if isinstance(r, DeviceAlarmRule)]
+        self._alarm_ids = {rule.id for rule in self._alarms}
         self._timed: list[TimedRule] = [
             r
             for r in self.rules.values()
@@ -344,11 +373,17 @@ class AlertEngine:
         if self._needs_device_info and state.devices is not None:
             self._device_info[(site, gateway)] = {d.id: (d.profile, d.kind) for d in state.devices}
             self._rescope(site, gateway)
+        if self._alarms and state.devices is not None:
+            self._drop_alarms_of_removed_devices(site, gateway, {d.id for d in state.devices})
+            self._drop_alarms_no_longer_active(site, gateway, state)
         self._reconcile(self.clock(), (site, gateway))
 
     def on_event(self, site: str, gateway: str, event: Event) -> None:
+        """Raises `InvalidMessage` for an alarm event the alarm rules cannot use."""
         if event.kind in (EventKind.DEVICE_UP, EventKind.DEVICE_DOWN, EventKind.BUFFER_EVICTION):
             self._reconcile(self.clock(), (site, gateway))
+        elif event.kind is EventKind.ALARM and self._alarms:
+            self._on_alarm(site, gateway, event)
 
     def on_ack(self, site: str, gateway: str, ack: Ack) -> None:
         """A rejected config or network policy (each its own alert: a policy is told apart by
@@ -462,6 +497,87 @@ class AlertEngine:
             elif tracker is _OUT_OF_SCOPE:
                 del trackers[(rule_id, device)]
 
+    # -- agents' alarms ------------------------------------------------------------------------
+
+    def _on_alarm(self, site: str, gateway: str, event: Event) -> None:
+        """A raise while the alert is open (the agent restarted) is ignored. An event delivered
+        twice is known by its timestamp (the agent's clock) in raised_ns or cleared_ns: that
+        raise opens nothing, that clear closes only an alert raised before it. Order is not
+        judged otherwise: a gateway's clock may be set back (no real-time clock)."""
+        device, alarm = _alarm_of(site, gateway, event)
+        for rule in self._alarms:
+            if rule.points and alarm.point not in rule.points:
+                continue
+            key = alert_key(rule.id, site, gateway, device, alarm.point)
+            alert = self._open.get(key)
+            if alarm.state == "cleared":
+                if alert is not None and (
+                    event.ts_ns >= alert.raised_ns or not self._was_at(key, "cleared", event)
+                ):
+                    self._clear(key, event.ts_ns, alarm.value, event.message)
+                continue
+            if alert is not None:
+                continue
+            profile, kind = self._info(site, gateway, device)
+            if rule.in_scope(site, gateway, device, profile, kind) and not self._was_at(
+                key, "raised", event
+            ):
+                self._raise(
+                    key,
+                    rule.id,
+                    site,
+                    gateway,
+                    device,
+                    alarm.point,
+                    alarm.value,
+                    event.message,
+                    event.ts_ns,
+                )
+
+    def _drop_alarms_of_removed_devices(self, site: str, gateway: str, devices: set[str]) -> None:
+        """A device its gateway no longer polls will never clear its alarm: cleared here."""
+        for key, alert in list(self._open.items()):
+            if (
+                alert.rule in self._alarm_ids
+                and alert.device not in devices
+                and (alert.site, alert.gateway) == (site, gateway)
+            ):
+                message = f"device {alert.device} is no longer on gateway {gateway}"
+                self._clear(key, self.clock(), None, message)
+
+    def _drop_alarms_no_longer_active(self, site: str, gateway: str, state: GatewayState) -> None:
+        """An alarm the gateway no longer has (its agent restarted, or a new config changed the
+        threshold, while the value came back) never gets its `cleared` event: the state says so.
+        Only a state taken after the raise counts (both on the gateway's clock)."""
+        taken_ns = state.ts_ns
+        if taken_ns is None:
+            return
+        active = {
+            device.id: set(device.alarms)
+            for device in state.devices or ()
+            if device.alarms is not None
+        }
+        for key, alert in list(self._open.items()):
+            if (
+                alert.rule in self._alarm_ids
+                and (alert.site, alert.gateway) == (site, gateway)
+                and alert.device in active
+                and alert.point not in active[alert.device]
+                and taken_ns > alert.raised_ns
+            ):
+                message = f"{alert.point} no longer in alarm on gateway {gateway}"
+                self._clear(key, taken_ns, None, message)
+
+    def _was_at(self, key: str, change: Literal["raised", "cleared"], event: Event) -> bool:
+        """Whether an alert of `key` was raised (or cleared) by this very event before."""
+        return (
+            self.store.conn.execute(
+                f"SELECT 1 FROM alerts WHERE key = ? AND {change}_ns = ? LIMIT 1",
+                (key, event.ts_ns),
+            ).fetchone()
+            is not None
+        )
+
     # -- wall-time rules -----------------------------------------------------------------------
 
     def _reconcile(self, now_ns: int, where: tuple[str, str] | None) -> None:
@@ -562,6 +678,24 @@ class AlertEngine:
             )
         }
         self._trackers.clear()
+
+
+def _alarm_of(site: str, gateway: str, event: Event) -> tuple[str, _AlarmData]:
+    """The device and details of an alarm event; `InvalidMessage` names what is wrong."""
+    where = topic(site, gateway, Channel.EVENTS)
+    if event.device is None:
+        raise InvalidMessage(where, [Problem("device", "an alarm event must name its device")])
+    try:
+        return event.device, _AlarmData.model_validate(event.data)
+    except ValidationError as exc:
+        problems = [
+            Problem(
+                ".".join(("data", *map(str, err["loc"]))),
+                f"{err['msg']} (alarm event of device {event.device})",
+            )
+            for err in exc.errors()
+        ]
+        raise InvalidMessage(where, problems) from None
 
 
 def _committed(rows: dict[int, tuple[str, str]], key: str, message: AlertMessage) -> bool:

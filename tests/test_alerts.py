@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from fleet.alerts import AlertEngine, AlertRule, AlertRules
 from fleet.config import load_config
 from fleet.ingest import Ingest
 from fleet.store import Store
-from simulator.broker import MosquittoBroker
+from simulator.broker import MosquittoBroker, free_port
 from simulator.processes import stop_group
 from tests.conftest import Processes, fleet_json, run_cli, wait_for, write_yaml
 from wire.control import Ack, AckStatus, AlertMessage, AlertState
@@ -119,6 +120,31 @@ class Fleet:
     def event(self, kind: EventKind, device: str | None = None) -> list[AlertMessage]:
         event = Event(ts_ns=self.now_ns, kind=kind, device=device, message=kind.value)
         return self.send(Channel.EVENTS, event)
+
+    def alarm(
+        self,
+        state: Literal["raised", "cleared"],
+        at_s: float,
+        value: float,
+        point: str = "lamp_hours",
+        device: str = "proj-1",
+        gateway: str = "gw-1",
+    ) -> list[AlertMessage]:
+        """An agent's alarm event, as agent/coordinator.py's AlarmWatch sends it (high 3500 h),
+        stamped `at_s` seconds after T0 on the gateway's clock."""
+        if state == "raised":
+            message = f"{point} {value:g} h above 3500"
+        else:
+            message = f"{point} back to {value:g} h"
+        data = {"point": point, "value": value, "state": state, "level": "high", "high": 3500}
+        event = Event(
+            ts_ns=T0 + int(at_s * S),
+            kind=EventKind.ALARM,
+            device=device,
+            message=message,
+            data={**data, "low": None},
+        )
+        return self.send(Channel.EVENTS, event, gateway)
 
     def tick(self, after_s: float = 0) -> list[AlertMessage]:
         """`after_s` seconds later, a tick."""
@@ -240,6 +266,214 @@ def test_no_rule_for_a_point_means_no_sql(make_fleet: Callable[..., Fleet]) -> N
     fleet.engine.on_readings("school", "gw-1", readings)
     fleet.store.conn.set_trace_callback(None)
     assert statements == []
+
+
+# -- agents' alarms -------------------------------------------------------------------------------
+
+ALARMS = {"id": "profile-alarms", "type": "device_alarm"}
+
+
+def test_an_agent_alarm_opens_one_alert_per_device_and_point(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = make_fleet({**ALARMS, "severity": "critical"})
+    [raised] = fleet.alarm("raised", 10, 3620)
+    assert (raised.rule, raised.severity, raised.state) == (
+        "profile-alarms",
+        "critical",
+        AlertState.RAISED,
+    )
+    assert (raised.site, raised.gateway, raised.device, raised.point, raised.value) == (
+        "school",
+        "gw-1",
+        "proj-1",
+        "lamp_hours",
+        3620,
+    )
+    assert raised.message == "lamp_hours 3620 h above 3500"
+    assert raised.raised_ns == T0 + 10 * S  # when the agent saw it, not when it arrived
+    assert fleet.alarm("raised", 20, 3621) == []  # the agent raises again after its restart
+    [other] = fleet.alarm("raised", 21, 2100, point="filter_hours")
+    assert other.id != raised.id and other.point == "filter_hours"
+    assert fleet.alarm("raised", 22, 3700, device="proj-2")[0].device == "proj-2"
+    assert fleet.event(EventKind.DEVICE_DOWN, "proj-1") == [] and fleet.tick(3600) == []
+    assert fleet.event(EventKind.DEVICE_UP, "proj-1") == []
+    [cleared] = fleet.alarm("cleared", 30, 3400)
+    assert (cleared.id, cleared.state, cleared.value, cleared.message) == (
+        raised.id,
+        AlertState.CLEARED,
+        3400,
+        "lamp_hours back to 3400 h",
+    )
+    assert cleared.cleared_ns == T0 + 30 * S and cleared.raised_ns == raised.raised_ns
+    assert fleet.alarm("cleared", 31, 3300) == []  # nothing open: nothing to clear
+    assert [(r["point"], r["device"], r["state"]) for r in fleet.rows()] == [
+        ("lamp_hours", "proj-1", "cleared"),
+        ("filter_hours", "proj-1", "open"),
+        ("lamp_hours", "proj-2", "open"),
+    ]
+    [again] = fleet.alarm("raised", 40, 3650)  # a new crossing is a new alert
+    assert again.id not in (raised.id, other.id)
+
+
+def test_an_alarm_the_gateway_no_longer_has_is_cleared_by_its_state(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """The agent restarted (or a config moved the threshold) while the lamp went back under
+    it: no `cleared` event will come, its state no longer lists the point."""
+
+    def device(alarms: list[str] | None) -> DeviceState:
+        return DeviceState(id="proj-1", profile="p", kind="display", up=True, alarms=alarms)
+
+    fleet = make_fleet(ALARMS)
+    [raised] = fleet.alarm("raised", 10, 3620)
+    before = T0 + 5 * S  # a state taken before the raise, arriving late, clears nothing
+    assert fleet.state(ts_ns=before, devices=[device([])]) == []
+    assert fleet.state(ts_ns=T0 + 20 * S, devices=[device(["lamp_hours"])]) == []
+    assert fleet.state(ts_ns=T0 + 21 * S, devices=[device(None)]) == []  # an older agent
+    [cleared] = fleet.state(ts_ns=T0 + 30 * S, devices=[device([])])
+    assert (cleared.id, cleared.state, cleared.cleared_ns) == (
+        raised.id,
+        AlertState.CLEARED,
+        T0 + 30 * S,
+    )
+    assert cleared.message == "lamp_hours no longer in alarm on gateway gw-1"
+
+
+def test_alarm_events_delivered_twice_change_nothing(make_fleet: Callable[..., Fleet]) -> None:
+    """QoS 1: the agent sends again what the broker may already have passed on."""
+    fleet = make_fleet(ALARMS)
+    fleet.alarm("raised", 1, 3600)
+    fleet.alarm("cleared", 2, 3400)
+    [latest] = fleet.alarm("raised", 3, 3600)
+    for state, at_s, value in (("raised", 1, 3600), ("cleared", 2, 3400), ("raised", 3, 3600)):
+        assert fleet.alarm(state, at_s, value) == [], (state, at_s)  # type: ignore[arg-type]
+    assert fleet.engine.open_alerts() == {"profile-alarms|school|gw-1|proj-1|lamp_hours": latest.id}
+    assert len(fleet.rows()) == 2
+    # A raise the fleet ignored (the alert was open) comes again after the clear, then the
+    # clear: at worst a short alert, never one left open.
+    fleet.alarm("raised", 5, 3610)
+    fleet.alarm("cleared", 6, 3300)
+    replayed = fleet.alarm("raised", 5, 3610) + fleet.alarm("cleared", 6, 3300)
+    assert states(replayed) == [("profile-alarms", "raised"), ("profile-alarms", "cleared")]
+    assert fleet.engine.open_alerts() == {}
+
+
+def test_alarms_stamped_by_a_clock_set_back_still_count(make_fleet: Callable[..., Fleet]) -> None:
+    """A gateway without a real-time clock boots with the time it last saved: its first events
+    may be stamped before the last ones it sent. Only the same timestamp means the same event."""
+    fleet = make_fleet(ALARMS)
+    fleet.alarm("raised", 3600, 3600)
+    fleet.alarm("cleared", 3700, 3400)
+    [raised] = fleet.alarm("raised", 100, 3620)  # after a reboot, before NTP
+    [cleared] = fleet.alarm("cleared", 50, 3300)  # the clock stepped back once more
+    assert cleared.id == raised.id and cleared.cleared_ns == raised.raised_ns
+    assert fleet.engine.open_alerts() == {}
+
+
+def test_alarm_rules_scope_and_points(make_fleet: Callable[..., Fleet]) -> None:
+    fleet = make_fleet(
+        {**ALARMS, "id": "lamps", "points": ["lamp_hours", "filter_hours"], "kinds": ["display"]},
+        {**ALARMS, "id": "gw2-co2", "points": ["co2"], "gateways": ["gw-2"]},
+        {**ALARMS, "id": "one-camera", "devices": ["cam-1"], "profiles": ["generic-onvif-camera"]},
+    )
+    projector = DeviceState(id="proj-1", profile="generic-pjlink-projector", kind="display")
+    camera = DeviceState(id="cam-1", profile="generic-onvif-camera", kind="camera")
+    fleet.state(devices=[projector, camera, camera.model_copy(update={"id": "cam-2"})])
+    assert states(fleet.alarm("raised", 1, 3600)) == [("lamps", "raised")]
+    assert states(fleet.alarm("raised", 1, 2100, point="filter_hours")) == [("lamps", "raised")]
+    assert fleet.alarm("raised", 1, 2100, point="fan_rpm") == []  # not in any rule's points
+    assert fleet.alarm("raised", 1, 1800, point="co2", device="room-1") == []  # gw-1
+    assert states(fleet.alarm("raised", 1, 1800, point="co2", device="room-1", gateway="gw-2")) == [
+        ("gw2-co2", "raised")
+    ]
+    assert states(fleet.alarm("raised", 1, 95, point="clock_drift_s", device="cam-1")) == [
+        ("one-camera", "raised")
+    ]
+    assert fleet.alarm("raised", 1, 95, point="clock_drift_s", device="cam-2") == []
+    assert fleet.alarm("raised", 1, 3600, device="unknown-proj") == []  # kind not reported
+    assert sorted((r["rule"], r["point"]) for r in fleet.rows()) == [
+        ("gw2-co2", "co2"),
+        ("lamps", "filter_hours"),
+        ("lamps", "lamp_hours"),
+        ("one-camera", "clock_drift_s"),
+    ]
+
+
+def test_an_open_alarm_alert_survives_a_restart(make_fleet: Callable[..., Fleet]) -> None:
+    fleet = make_fleet(ALARMS)
+    [raised] = fleet.alarm("raised", 1, 3600)
+    fleet.restart()
+    assert fleet.engine.open_alerts() == {"profile-alarms|school|gw-1|proj-1|lamp_hours": raised.id}
+    assert fleet.tick(1) == []
+    assert fleet.alarm("raised", 1, 3600) == []  # sent again: its PUBACK was lost
+    assert fleet.alarm("raised", 9, 3700) == []  # the agent restarted too
+    [cleared] = fleet.alarm("cleared", 10, 3300)
+    assert cleared.id == raised.id
+    fleet.restart()
+    assert fleet.alarm("raised", 1, 3600) == [] and fleet.alarm("cleared", 10, 3300) == []
+    assert [r["state"] for r in fleet.rows()] == ["cleared"]
+
+
+def test_an_alarm_of_a_device_its_gateway_no_longer_polls_is_cleared(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """Its alarm watch went with it: no `cleared` event will ever come."""
+    fleet = make_fleet(ALARMS)
+    projector = DeviceState(id="proj-1", profile="generic-pjlink-projector", kind="display")
+    other = projector.model_copy(update={"id": "proj-2"})
+    fleet.state(devices=[projector, other])
+    [raised] = fleet.alarm("raised", 1, 3600)
+    fleet.alarm("raised", 1, 3600, device="proj-2", gateway="gw-2")
+    assert fleet.state(Status.OFFLINE) == []  # a Last Will lists no devices: nothing known
+    assert fleet.state(devices=[projector.model_copy(update={"up": False})]) == []
+    [cleared] = fleet.state(devices=[other])
+    assert (cleared.id, cleared.device, cleared.message) == (
+        raised.id,
+        "proj-1",
+        "device proj-1 is no longer on gateway gw-1",
+    )
+    assert cleared.cleared_ns == fleet.now_ns
+    assert [r["state"] for r in fleet.rows()] == ["cleared", "open"]  # gw-2's proj-2 stays
+
+
+def test_a_bad_alarm_event_is_rejected_naming_the_device(make_fleet: Callable[..., Fleet]) -> None:
+    fleet = make_fleet(ALARMS)
+
+    def event(device: str | None, **data: Any) -> list[AlertMessage]:
+        fleet.seq += 1
+        alarm = Event(
+            ts_ns=T0 + fleet.seq, kind=EventKind.ALARM, device=device, message="alarm", data=data
+        )
+        return fleet.send(Channel.EVENTS, alarm)
+
+    assert event("proj-1", point="lamp_hours", value="lots", state="raised") == []
+    assert event("proj-1", point="lamp_hours", value=True, state="raised") == []
+    assert event("proj-1", point="lamp_hours", value=3600, state="on") == []
+    assert event(None, point="lamp_hours", value=3600, state="raised") == []
+    reasons = [row[0] for row in fleet.store.conn.execute("SELECT reason FROM rejected")]
+    where = "invalid message on campus/school/gw/gw-1/events: "
+    assert reasons == [
+        where + "data.value: Input should be a valid number (alarm event of device proj-1)",
+        where + "data.value: Input should be a valid number (alarm event of device proj-1)",
+        where + "data.state: Input should be 'raised' or 'cleared' (alarm event of device proj-1)",
+        where + "device: an alarm event must name its device",
+    ]
+    assert fleet.rows() == []
+    stored = fleet.store.conn.execute("SELECT count(*) FROM events WHERE kind = 'alarm'")
+    assert stored.fetchone()[0] == 4  # still in `campus-fleet events`
+    assert states(event("proj-1", point="lamp_hours", value=3600, state="raised")) == [
+        ("profile-alarms", "raised")
+    ]
+
+
+def test_alarm_events_without_alarm_rules_are_only_stored(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet = make_fleet(CO2_HIGH)
+    event = Event(ts_ns=T0, kind=EventKind.ALARM, device="proj-1", message="?", data={})
+    assert fleet.send(Channel.EVENTS, event) == [] and fleet.rows() == []
+    assert fleet.store.conn.execute("SELECT count(*) FROM rejected").fetchone()[0] == 0
 
 
 # -- restart, rollback, acks ---------------------------------------------------------------------
@@ -407,6 +641,8 @@ def test_buffer_evicting_raises_on_growth_and_clears_after_quiet(
         ),
         ({"id": "x", "type": "gateway_offline", "devices": ["a"]}, "Extra inputs"),
         ({"id": "x", "type": "device_offline", "kinds": ["sensr"]}, "'sensor'"),
+        ({"id": "x", "type": "device_alarm", "points": ["Lamp Hours"]}, "should match pattern"),
+        ({"id": "x", "type": "device_alarm", "for_s": 10}, "Extra inputs"),
         ({"id": "x", "type": "offline"}, "does not match any of the expected tags"),
         ({"id": "X Y", "type": "config_rejected"}, "should match pattern"),
     ],
@@ -634,6 +870,119 @@ def test_alerts_end_to_end(processes: Processes, broker: MosquittoBroker, tmp_pa
         assert table.returncode == 0 and "critical" in table.stdout
     finally:
         gateway.close()
+        subscriber.close()
+
+
+def query(db: Path, sql: str) -> list[dict[str, Any]]:
+    """Rows of the running service's database, read-only (faster than a CLI run per poll)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        cursor = conn.execute(sql)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    except sqlite3.OperationalError:
+        return []  # not created yet
+    finally:
+        conn.close()
+
+
+def test_a_real_agents_co2_alarm_opens_and_clears_one_alert(
+    processes: Processes, broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """campus-sim serves a CO2 sensor stuck at 1800 ppm; campus-agent, whose device setting
+    raises an alarm above 1000 ppm, polls it; `campus-fleet serve` turns the alarm into an
+    alert. The agent restarts (it raises again: still one alert), the sensor goes away (down:
+    still open), and comes back at 600 ppm: the agent clears its alarm, the fleet its alert."""
+    port = free_port()
+    site = f"alarm-{port}"
+    db = tmp_path / "fleet.db"
+
+    def sensor(co2: int) -> Path:
+        device = {"id": "room-1-env", "profile": "campussim-thc100", "port": port}
+        scenario = {"devices": [{**device, "values": {"co2": co2}}]}
+        return write_yaml(tmp_path / f"scenario-{co2}.yaml", scenario)
+
+    def alerts() -> list[dict[str, Any]]:
+        return query(db, "SELECT id, state FROM alerts ORDER BY id")
+
+    def events(kind: str, state: str | None = None) -> list[dict[str, Any]]:
+        rows = query(db, f"SELECT * FROM events WHERE kind = '{kind}' ORDER BY id")
+        return [e for e in rows if state is None or json.loads(e["data"])["state"] == state]
+
+    config = write_yaml(
+        tmp_path / "fleet.yaml",
+        {
+            "name": site,
+            "mqtt": {"host": "::1", "port": broker.port},
+            "database": str(db),
+            "sites": [site],
+            "alerts": [{"id": "air", "type": "device_alarm", "points": ["co2"]}],
+        },
+    )
+    agent = write_yaml(
+        tmp_path / "agent.yaml",
+        {
+            "site": site,
+            "gateway": "gw-1",
+            "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive_s": 2},
+            "buffer": {"path": str(tmp_path / "buffer.db"), "commit_interval_s": 0.1},
+            "clock": {"sync_check": "none"},
+            "devices": [
+                {
+                    "id": "room-1-env",
+                    "profile": "campussim-thc100",
+                    "interval_s": 0.2,
+                    "connection": {"type": "modbus-tcp", "host": "127.0.0.1", "port": port},
+                    "alarms": {"co2": {"high": 1000, "hysteresis": 50}},
+                }
+            ],
+        },
+    )
+    subscriber = Subscriber(broker, site, tmp_path / "alerts.out")
+    try:
+        processes.start("sim", "campus-sim", "run", str(sensor(1800)))
+        processes.start("fleet", "campus-fleet", "--config", str(config), "serve")
+        wait_for(lambda: "subscribed to" in processes.log("fleet"), 15, what="fleet subscribed")
+        processes.start("agent", "campus-agent", "run", "--config", str(agent))
+        [first] = wait_for(alerts, 20, what="the co2 alert")
+        alert_id = first["id"]
+
+        assert processes.stop("agent") == 0
+        processes.start("agent-2", "campus-agent", "run", "--config", str(agent))
+        wait_for(lambda: len(events("alarm", "raised")) == 2, 20, what="raised again")
+        assert processes.stop("sim") == 0
+        wait_for(lambda: events("device_down"), 10, interval=0.05, what="device_down")
+        assert alerts() == [{"id": alert_id, "state": "open"}]  # neither raised twice nor cleared
+
+        processes.start("sim-2", "campus-sim", "run", str(sensor(600)))
+        wait_for(lambda: events("alarm", "cleared"), 20, interval=0.05, what="cleared alarm")
+        [raised, cleared] = wait_for(
+            lambda: len(subscriber.messages()) >= 2 and subscriber.messages(), 10, what="2 messages"
+        )
+        assert [(m.id, m.rule, m.state.value, m.value) for m in (raised, cleared)] == [
+            (alert_id, "air", "raised", 1800),
+            (alert_id, "air", "cleared", 600),
+        ]
+        assert (raised.device, raised.point, raised.message) == (
+            "room-1-env",
+            "co2",
+            "co2 1800 ppm above 1000",
+        )
+        assert cleared.message == "co2 back to 600 ppm"
+        first_raise = events("alarm", "raised")[0]
+        assert raised.raised_ns == first_raise["ts_ns"] == cleared.raised_ns
+        assert cleared.cleared_ns == events("alarm", "cleared")[0]["ts_ns"]
+        [row] = alert_rows(config)
+        assert (row["id"], row["rule"], row["state"], row["severity"]) == (
+            alert_id,
+            "air",
+            "cleared",
+            "warning",
+        )
+        assert [(r["id"], r["condition"]) for r in fleet_json(config, "alerts", "rules")] == [
+            ("air", "the agent's alarm on co2; clears when the agent clears it")
+        ]
+    finally:
         subscriber.close()
 
 

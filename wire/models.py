@@ -86,14 +86,17 @@ DEVICE_REASON_MAX = 500
 
 
 class DeviceState(_Message):
-    """`reason`: why the device is down (its last error), only while `up` is false; agents
-    before it omit it."""
+    """`reason`: why the device is down (its last error), only while `up` is false. `alarms`:
+    the points whose alarm threshold is crossed now (raised and not yet cleared), while the
+    device answers (None: not known, e.g. before its first poll). Agents before them omit
+    them."""
 
     id: Id
     profile: str
     kind: str
     up: bool | None = None
     reason: Annotated[str, Field(max_length=DEVICE_REASON_MAX)] | None = None
+    alarms: Annotated[list[PointName], Field(max_length=1000)] | None = None
 
 
 class PolicyCounter(_Message):
