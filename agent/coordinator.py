@@ -57,8 +57,10 @@ class AlarmWatch:
         self.unit = unit
         self.alarm = alarm
         self.active: str | None = None  # "high" or "low"
+        self.seen = False  # a value was checked since the agent started
 
     def update(self, value: float) -> tuple[str, dict[str, Any]] | None:
+        self.seen = True
         alarm, shown = self.alarm, f"{value:g} {self.unit}".rstrip()
         if self.active is None:
             if alarm.high is not None and value > alarm.high:

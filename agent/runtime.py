@@ -163,9 +163,9 @@ class Agent:
                 reason=(loop.health.last_error or "no answer")[:DEVICE_REASON_MAX]
                 if loop.health.up is False
                 else None,
-                # known only once the device has answered since the agent started
+                # known once the device answers and every watched point was read since start
                 alarms=sorted(point for point, watch in loop.alarms.items() if watch.active)
-                if loop.health.up is True
+                if loop.health.up is True and all(w.seen for w in loop.alarms.values())
                 else None,
             )
             for device_id, loop in self.coordinator.loops.items()

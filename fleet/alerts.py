@@ -158,7 +158,9 @@ class DeviceAlarmRule(_DeviceRule):
 
     def describe(self) -> str:
         which = ", ".join(self.points) if self.points else "any point"
-        return f"the agent's alarm on {which}; clears when the agent clears it"
+        return (
+            f"the agent's alarm on {which}; clears when the agent clears it or no longer lists it"
+        )
 
 
 class GatewayOfflineRule(_Rule):
