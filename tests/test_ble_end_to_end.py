@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from simulator.broker import MosquittoBroker, free_port
-from tests.conftest import Processes, run_cli, wait_for, write_yaml
+from tests.conftest import wait_for
+from tests.fleet_campus import Campus
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -56,33 +54,6 @@ POINTS = {
     CO2: {"co2", "temperature", "humidity", "rssi", "last_seen_s"},
     ESS: {"temperature", "humidity", "pressure", "battery"},
 }
-
-
-@dataclass
-class Campus:
-    dir: Path
-    site: str
-    config: Path
-    processes: Processes
-
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return run_cli("campus-fleet", "--config", str(self.config), *args, timeout=timeout)
-
-    def ok(self, *args: str) -> None:
-        result = self.cli(*args)
-        assert result.returncode == 0, (args, result.stderr, result.stdout)
-
-    def json(self, *args: str) -> Any:
-        result = self.cli(*args, "--json")
-        assert result.returncode == 0, (args, result.returncode, result.stderr, result.stdout)
-        return json.loads(result.stdout)
-
-    def devices(self) -> dict[str, dict[str, Any]]:
-        return {d["device"]: d for d in self.json("devices", "list", "--points")}
-
-    def events(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = self.json("events", "--since", "1h")
-        return [e for e in rows if e["site"] == self.site]
 
 
 def _scenario(workdir: Path) -> dict[str, Any]:
@@ -148,108 +119,54 @@ def campus(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker) ->
     base = tmp_path_factory.mktemp("ble")
     # The bus socket's path must stay short (a unix socket path is at most 107 bytes).
     workdir = Path(tempfile.mkdtemp(prefix="ble", dir="/tmp"))
-    site = f"college-{free_port()}"
-    config = write_yaml(
-        base / "fleet.yaml",
-        {
-            "name": f"fleet-{site}",
-            "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive_s": 5},
-            "database": str(base / "fleet.db"),
-            "sites": [site],
-            "signing_key": str(base / "keys" / "fleet-signing.key"),
-        },
-    )
-    env = Campus(base, site, config, Processes(base))
     try:
-        _fill_registry(env)
-        scenario = write_yaml(base / "scenario.yaml", _scenario(workdir))
-        env.processes.start("sim", "campus-sim", "run", str(scenario))
-        line = wait_for(
-            lambda: next(
-                (
-                    text
-                    for text in env.processes.log("sim").splitlines()
-                    if text.startswith("DBUS_SYSTEM_BUS_ADDRESS=")
+        with Campus(base, f"college-{free_port()}", broker) as campus:
+            agent = _fill_registry(campus)
+            campus.start_sim(_scenario(workdir))
+            line = wait_for(
+                lambda: next(
+                    (
+                        text
+                        for text in campus.processes.log("sim").splitlines()
+                        if text.startswith("DBUS_SYSTEM_BUS_ADDRESS=")
+                    ),
+                    None,
                 ),
-                None,
-            ),
-            20,
-            what="campus-sim's DBUS_SYSTEM_BUS_ADDRESS line",
-        )
-        address = line.partition("=")[2]
-        assert address == f"unix:path={workdir / 'system_bus_socket'}"
-        env.processes.start("fleet", "campus-fleet", "--config", str(config), "serve")
-        wait_for(lambda: "subscribed to" in env.processes.log("fleet"), 20, what="fleet up")
-        env.processes.start(
-            "agent",
-            "campus-agent",
-            "run",
-            "--config",
-            str(base / "agent.yaml"),
-            env={"DBUS_SYSTEM_BUS_ADDRESS": address},
-        )
-        wait_for(
-            lambda: [g["status"] for g in env.json("gateways", "list")] == ["online"],
-            30,
-            what="gateway online",
-        )
-        pushed = env.json("config", "push", f"site:{site}", "--timeout", "30")
-        assert [g["state"] for g in pushed["gateways"]] == ["applied"], pushed
-        yield env
+                20,
+                what="campus-sim's DBUS_SYSTEM_BUS_ADDRESS line",
+            )
+            address = line.partition("=")[2]
+            assert address == f"unix:path={workdir / 'system_bus_socket'}"
+            campus.start_fleet()
+            campus.start_agent(agent, env={"DBUS_SYSTEM_BUS_ADDRESS": address})
+            campus.wait_online([GATEWAY])
+            campus.push_and_wait_applied([GATEWAY])
+            yield campus
     finally:
-        env.processes.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _fill_registry(env: Campus) -> None:
-    env.ok("keys", "generate")
-    env.ok("site", "add", env.site)
-    env.ok("building", "add", "main", "--site", env.site)
-    env.ok("room", "add", "r-101", "--site", env.site, "--building", "main")
-    bundle = env.dir / "bundle"
-    env.ok(
-        "gateways", "enroll", GATEWAY, "--site", env.site, "--room", "r-101", "--out", str(bundle)
-    )
-    agent = yaml.safe_load((bundle / "agent.yaml").read_text())
-    assert (agent["site"], agent["gateway"]) == (env.site, GATEWAY)
-    assert agent["fleet"]["public_keys"] == ["/etc/campus-iot/fleet-signing.pub"]
-    # Only the paths change for a test: the key where --out put it, files in the test's dir.
-    agent["fleet"] = {
-        "public_keys": [str(bundle / "fleet-signing.pub")],
-        "applied_path": str(env.dir / "config.applied.json"),
-    }
-    agent["buffer"] = {"path": str(env.dir / "buffer.db"), "commit_interval_s": 0.2}
-    agent["clock"] = {"sync_check": "none"}
-    agent["state_interval_s"] = 5
-    write_yaml(env.dir / "agent.yaml", agent)
+def _fill_registry(campus: Campus) -> Path:
+    """The registry of the classroom, as IT staff fill it; the gateway's agent.yaml."""
+    campus.ok("keys", "generate")
+    campus.ok("site", "add", campus.site)
+    campus.ok("building", "add", "main", "--site", campus.site)
+    campus.ok("room", "add", "r-101", "--site", campus.site, "--building", "main")
+    agent = campus.enroll(GATEWAY, room="r-101")
     for device, url in CONNECTIONS.items():
-        env.ok(
-            "device", "add", device,
-            "--site", env.site,
-            "--gateway", GATEWAY,
-            "--profile", PROFILES[device],
-            "--connection", url,
-            "--interval", "1",
-            "--timeout", "10",
-        )  # fmt: skip
-    shown = env.json("device", "list")
+        campus.add_device(
+            device, PROFILES[device], url, gateway=GATEWAY, interval_s=1, timeout_s=10
+        )
+    shown = campus.json("device", "list")
     keys = {d["device"]: d["connection"] for d in shown}
     assert KEY not in json.dumps(keys) and NOT_ITS_KEY not in json.dumps(keys)  # masked
-
-
-def _reporting(campus: Campus) -> dict[str, dict[str, Any]]:
-    devices = campus.devices()
-    for device, points in POINTS.items():
-        entry = devices.get(device)
-        if entry is None or entry["availability"] != "up":
-            return {}
-        if not points <= {p["point"] for p in entry["points"]}:
-            return {}
-    return devices
+    return agent
 
 
 def test_ble_sensors_of_both_kinds_report_every_point(campus: Campus) -> None:
-    devices = wait_for(lambda: _reporting(campus), 40, what="the three sensors reporting")
+    devices = wait_for(
+        lambda: campus.devices_up_with(POINTS), 40, what="the three sensors reporting"
+    )
 
     def values(device: str) -> dict[str, Any]:
         return {p["point"]: p["value"] for p in devices[device]["points"]}
@@ -294,7 +211,7 @@ def test_a_wrong_bind_key_gives_no_values_and_says_why(campus: Campus) -> None:
     assert ADDRESSES[WRONG] in down["message"]
     assert "adverts heard but refused" in down["message"]
     wrong = wait_for(
-        lambda: (d := campus.devices()[WRONG])["availability"] == "down" and d,
+        lambda: (d := campus.devices_with_points()[WRONG])["availability"] == "down" and d,
         20,
         what="the wrong-key sensor down in devices list",
     )
@@ -308,6 +225,6 @@ def test_a_wrong_bind_key_gives_no_values_and_says_why(campus: Campus) -> None:
         return all(any(r["ts_ns"] > after + 2e9 for r in rows[d]) for d in POINTS)
 
     wait_for(fresh, 30, what="readings of the other sensors after the refusal")
-    devices = campus.devices()
+    devices = campus.devices_with_points()
     assert all(devices[d]["availability"] == "up" for d in POINTS)
     assert [e["device"] for e in campus.events() if e["kind"] == "device_down"] == [WRONG]

@@ -12,20 +12,18 @@ with the reason in the events.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from simulator.broker import MosquittoBroker, free_ports
-from tests.conftest import BIN, Processes, run_cli, wait_for, write_yaml
+from tests.conftest import BIN, wait_for
+from tests.fleet_campus import Campus
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -45,39 +43,6 @@ ERROR_POINTS = (
     *("error.fan", "error.lamp", "error.temperature", "error.cover", "error.filter"),
     "error.other",
 )
-
-
-@dataclass
-class Building:
-    dir: Path
-    site: str
-    config: Path
-    processes: Processes
-
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return run_cli("campus-fleet", "--config", str(self.config), *args, timeout=timeout)
-
-    def ok(self, *args: str) -> None:
-        result = self.cli(*args)
-        assert result.returncode == 0, (args, result.stderr, result.stdout)
-
-    def json(self, *args: str, ok: tuple[int, ...] = (0,), timeout: float = 60) -> Any:
-        result = self.cli(*args, "--json", timeout=timeout)
-        assert result.returncode in ok, (args, result.returncode, result.stderr, result.stdout)
-        return json.loads(result.stdout)
-
-    def devices(self) -> dict[str, dict[str, Any]]:
-        return {d["device"]: d for d in self.json("devices", "list", "--points")}
-
-    def points(self, device: str) -> dict[str, Any]:
-        return {p["point"]: p["value"] for p in self.devices()[device]["points"]}
-
-    def events(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = self.json("events", "--since", "1h")
-        return [e for e in rows if e["site"] == self.site]
-
-    def log(self, name: str) -> str:
-        return self.processes.log(name)[-3000:]
 
 
 def _scenario(ports: list[int], broker: MosquittoBroker, site: str) -> dict[str, Any]:
@@ -166,9 +131,7 @@ DEVICES = [  # id, profile, room
 
 
 @pytest.fixture(scope="module")
-def building(
-    tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker
-) -> Iterator[Building]:
+def building(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker) -> Iterator[Campus]:
     base = tmp_path_factory.mktemp("building")
     # The dead camera's ports are bound and never listened on: connections are refused, and
     # nothing else can take them while the module runs.
@@ -177,102 +140,44 @@ def building(
         sock.bind(("127.0.0.1", 0))
     ports = [*free_ports(6), *(int(sock.getsockname()[1]) for sock in closed)]
     site = f"lycee-{ports[0]}"
-    config = write_yaml(
-        base / "fleet.yaml",
+    alerts = [
         {
-            "name": f"fleet-{site}",
-            "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive_s": 5},
-            "database": str(base / "fleet.db"),
-            "sites": [site],
-            "signing_key": str(base / "keys" / "fleet-signing.key"),
-            "command_timeout_s": 10,
-            "alerts": [
-                {
-                    "id": "lamp-worn",
-                    "type": "threshold",
-                    "profiles": ["generic-pjlink-projector"],
-                    "point": "lamp_hours",
-                    "above": 3500,
-                },
-                {"id": "device-down", "type": "device_offline", "for_s": 1},
-            ],
+            "id": "lamp-worn",
+            "type": "threshold",
+            "profiles": ["generic-pjlink-projector"],
+            "point": "lamp_hours",
+            "above": 3500,
         },
-    )
-    env = Building(base, site, config, Processes(base))
+        {"id": "device-down", "type": "device_offline", "for_s": 1},
+    ]
     try:
-        _fill_registry(env, _connections(ports, broker, site))
-        scenario = write_yaml(base / "scenario.yaml", _scenario(ports, broker, site))
-        env.processes.start("sim", "campus-sim", "run", str(scenario))
-        env.processes.start("fleet", "campus-fleet", "--config", str(config), "serve")
-        wait_for(lambda: "subscribed to" in env.log("fleet"), 20, what="fleet subscribed")
-        env.processes.start("agent", "campus-agent", "run", "--config", str(base / "agent.yaml"))
-        wait_for(
-            lambda: [g["status"] for g in env.json("gateways", "list")] == ["online"],
-            30,
-            what="gateway online",
-        )
-        pushed = env.json("config", "push", f"site:{site}", "--timeout", "30", timeout=60)
-        assert [g["state"] for g in pushed["gateways"]] == ["applied"], pushed
-        yield env
+        with Campus(base, site, broker, command_timeout_s=10, alerts=alerts) as campus:
+            agent = _fill_registry(campus, _connections(ports, broker, site))
+            campus.start_sim(_scenario(ports, broker, site))
+            campus.start_fleet()
+            campus.start_agent(agent)
+            campus.wait_online([GATEWAY])
+            campus.push_and_wait_applied([GATEWAY])
+            yield campus
     finally:
-        env.processes.close()
         for sock in closed:
             sock.close()
 
 
-def _fill_registry(env: Building, connections: dict[str, str]) -> None:
-    env.ok("keys", "generate")
-    env.ok("site", "add", env.site, "--name", "Lycée du test")
-    env.ok("building", "add", "a", "--site", env.site, "--name", "Bâtiment A")
+def _fill_registry(campus: Campus, connections: dict[str, str]) -> Path:
+    """The registry of the building, as IT staff fill it; the gateway's agent.yaml."""
+    campus.ok("keys", "generate")
+    campus.ok("site", "add", campus.site, "--name", "Lycée du test")
+    campus.ok("building", "add", "a", "--site", campus.site, "--name", "Bâtiment A")
     for room in ("a-101", "a-201"):
-        env.ok("room", "add", room, "--site", env.site, "--building", "a")
-    bundle_dir = env.dir / "bundle"
-    env.ok(
-        "gateways",
-        "enroll",
-        GATEWAY,
-        "--site",
-        env.site,
-        "--room",
-        "a-101",
-        "--out",
-        str(bundle_dir),
-    )
-    agent = yaml.safe_load((bundle_dir / "agent.yaml").read_text())
-    assert (agent["site"], agent["gateway"]) == (env.site, GATEWAY)
-    assert agent["fleet"]["public_keys"] == ["/etc/campus-iot/fleet-signing.pub"]
-    # Only the paths change for a test: the key where --out put it, files in the test's dir.
-    agent["fleet"] = {
-        "public_keys": [str(bundle_dir / "fleet-signing.pub")],
-        "applied_path": str(env.dir / "config.applied.json"),
-    }
-    agent["buffer"] = {"path": str(env.dir / "buffer.db"), "commit_interval_s": 0.2}
-    agent["clock"] = {"sync_check": "none"}
-    agent["state_interval_s"] = 5
-    write_yaml(env.dir / "agent.yaml", agent)
+        campus.ok("room", "add", room, "--site", campus.site, "--building", "a")
+    agent = campus.enroll(GATEWAY, room="a-101")
     for device, profile, room in DEVICES:
-        env.ok(
-            "device", "add", device,
-            "--site", env.site,
-            "--gateway", GATEWAY,
-            "--profile", profile,
-            "--room", room,
-            "--connection", connections[device],
-            "--interval", "2",
-            "--timeout", "10",
+        campus.add_device(
+            device, profile, connections[device],
+            gateway=GATEWAY, room=room, interval_s=2, timeout_s=10,
         )  # fmt: skip
-
-
-def _up_with(building: Building, wanted: dict[str, set[str]]) -> dict[str, dict[str, Any]]:
-    """The devices, once each one of `wanted` is up and reports at least those points."""
-    devices = building.devices()
-    for device, points in wanted.items():
-        entry = devices.get(device)
-        if entry is None or entry["availability"] != "up":
-            return {}
-        if not points <= {p["point"] for p in entry["points"]}:
-            return {}
-    return devices
+    return agent
 
 
 HEALTH_POINTS = {
@@ -287,9 +192,9 @@ HEALTH_POINTS = {
 }
 
 
-def test_every_device_is_up_with_its_health_points(building: Building) -> None:
+def test_every_device_is_up_with_its_health_points(building: Campus) -> None:
     devices = wait_for(
-        lambda: _up_with(building, HEALTH_POINTS), 30, what="every device up with its points"
+        lambda: building.devices_up_with(HEALTH_POINTS), 30, what="every device up with its points"
     )
     assert set(devices) == {device for device, _, _ in DEVICES}
     for device, profile, _ in DEVICES:
@@ -345,8 +250,8 @@ def test_every_device_is_up_with_its_health_points(building: Building) -> None:
     assert devices[DEAD]["availability"] == "down"
 
 
-def test_the_table_lists_every_device(building: Building) -> None:
-    wait_for(lambda: _up_with(building, HEALTH_POINTS), 30, what="every device up")
+def test_the_table_lists_every_device(building: Campus) -> None:
+    wait_for(lambda: building.devices_up_with(HEALTH_POINTS), 30, what="every device up")
     # As on an IT staff member's terminal (rich cuts cells to fit 80 columns when piped).
     command = [str(BIN / "campus-fleet"), "--config", str(building.config), "devices", "list"]
     result = subprocess.run(
@@ -381,8 +286,8 @@ def test_the_table_lists_every_device(building: Building) -> None:
     assert sum(GATEWAY in line for line in narrow.stdout.splitlines()) == len(DEVICES)
 
 
-def test_a_projector_switched_on_warms_up(building: Building) -> None:
-    wait_for(lambda: _up_with(building, {PROJECTOR: {"power"}}), 30, what="projector up")
+def test_a_projector_switched_on_warms_up(building: Campus) -> None:
+    wait_for(lambda: building.devices_up_with({PROJECTOR: {"power"}}), 30, what="projector up")
     result = building.json("cmd", PROJECTOR, "power_on")
     (answer,) = result["results"]
     assert (answer["device"], answer["status"]) == (PROJECTOR, "ok"), answer
@@ -405,9 +310,9 @@ def test_a_projector_switched_on_warms_up(building: Building) -> None:
     assert [(r["device"], r["status"]) for r in shown["results"]] == [(PROJECTOR, "ok")]
 
 
-def test_a_notice_reaches_every_board(building: Building) -> None:
+def test_a_notice_reaches_every_board(building: Campus) -> None:
     wait_for(
-        lambda: _up_with(building, {board: {"notice_active"} for board in BOARDS}),
+        lambda: building.devices_up_with({board: {"notice_active"} for board in BOARDS}),
         30,
         what="boards up",
     )
@@ -438,7 +343,7 @@ def test_a_notice_reaches_every_board(building: Building) -> None:
     [(("--minutes", "0"), "minutes"), (("--colour", "red"), "colour")],
 )
 def test_a_bad_option_sends_nothing(
-    building: Building, option: tuple[str, str], message: str
+    building: Campus, option: tuple[str, str], message: str
 ) -> None:
     before = len(building.json("commands", "list"))
     result = building.cli(
@@ -452,7 +357,7 @@ def test_a_bad_option_sends_nothing(
     assert refusal["result"].startswith("error:") and message in refusal["result"]
 
 
-def test_the_lamp_alarm_shows_in_events_and_alerts(building: Building) -> None:
+def test_the_lamp_alarm_shows_in_events_and_alerts(building: Campus) -> None:
     def alarm() -> dict[str, Any] | None:
         return next(
             (
@@ -491,9 +396,9 @@ def test_the_lamp_alarm_shows_in_events_and_alerts(building: Building) -> None:
     assert not any(device == CAMERA for device, _ in alarms)
 
 
-def test_a_camera_nobody_answers_is_down_with_the_reason(building: Building) -> None:
+def test_a_camera_nobody_answers_is_down_with_the_reason(building: Campus) -> None:
     dead = wait_for(
-        lambda: (d := building.devices()[DEAD])["availability"] == "down" and d,
+        lambda: (d := building.devices_with_points()[DEAD])["availability"] == "down" and d,
         30,
         what="gate-cam down",
     )

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,8 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from simulator.broker import MosquittoBroker, free_port
-from tests.conftest import REPO, Processes, run_cli, wait_for, write_yaml
+from tests.conftest import REPO, wait_for, write_yaml
+from tests.fleet_campus import Campus
 from wire.models import encode
 from wire.signing import generate_key, sign
 from wire.topics import Channel, topic
@@ -37,29 +37,29 @@ BAD = {"gw-18", "gw-19", "gw-20"}  # their profile of the sensor lacks the co2 p
 RELAYS = {"gw-01": "rel-01", "gw-02": "rel-02", "gw-03": "rel-03"}
 
 
-@dataclass
-class Fleet:
-    dir: Path
-    site: str
-    config: Path
-    processes: Processes
-    agents: list[Path]
+class Fleet(Campus):
+    """The campus of 20 gateways, whose agents (their agent.yaml in `agents`) run in one host
+    process, tests/agent_host.py."""
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return run_cli("campus-fleet", "--config", str(self.config), *args, timeout=timeout)
-
-    def json(self, *args: str, ok: tuple[int, ...] = (0,), timeout: float = 60) -> Any:
-        result = self.cli(*args, "--json", timeout=timeout)
-        assert result.returncode in ok, (result.returncode, result.stderr, result.stdout)
-        return json.loads(result.stdout)
+    def __init__(
+        self, directory: Path, site: str, broker: MosquittoBroker, **settings: Any
+    ) -> None:
+        super().__init__(directory, site, broker, **settings)
+        self.agents: list[Path] = []
 
     def start_fleet(self) -> None:
-        self.processes.start("fleet", "campus-fleet", "--config", str(self.config), "serve")
-        wait_for(
-            lambda: "subscribed to" in self.processes.log("fleet"), 20, what="fleet subscribed"
-        )
+        super().start_fleet()
         db = self.dir / "fleet.db"
         wait_for(lambda: _heartbeat(db), 20, what="fleet heartbeat")
+
+    def start_agents(self) -> None:
+        with (self.dir / "agents.log").open("ab") as log:
+            self.processes.running["agents"] = subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "agent_host.py"), *map(str, self.agents)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def status(self) -> dict[str, dict[str, Any]]:
         rows = self.json("config", "status", ok=(0, 4))
@@ -90,28 +90,9 @@ def _bad_profiles(directory: Path) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker) -> Iterator[Fleet]:
-    base = tmp_path_factory.mktemp("control")
-    processes = Processes(base)
-    site = f"ctl-{free_port()}"
-    key = base / "keys" / "fleet-signing.key"
-    config = write_yaml(
-        base / "fleet.yaml",
-        {
-            "name": f"fleet-{site}",
-            "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive_s": 5},
-            "database": str(base / "fleet.db"),
-            "sites": [site],
-            "signing_key": str(key),
-            "ack_timeout_s": 20,
-            "command_timeout_s": 8,
-        },
-    )
-    generated = run_cli("campus-fleet", "--config", str(config), "keys", "generate")
-    assert generated.returncode == 0, generated.stderr
-    public = key.with_name(key.name + ".pub")
-
+def _inventory(site: str, path: Path) -> list[dict[str, Any]]:
+    """Writes the inventory spreadsheet of the 20 gateways (a sensor each, a relay module on
+    three) to `path`; the devices campus-sim serves for them."""
     sim_devices: list[dict[str, Any]] = []
     rows = ["site,building,room,gateway,device,kind,profile,connection"]
     for index, gw in enumerate(GATEWAYS, start=1):
@@ -132,66 +113,53 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker) -> 
                 f"{site},{building},room-{index:02d},{gw},{RELAYS[gw]},board,"
                 f"wirenboard-wb-mr6xv,modbus-tcp://127.0.0.1:{port}?unit=1"
             )
-    inventory = base / "inventory.csv"
-    inventory.write_text("\n".join(rows) + "\n")
-    imported = run_cli("campus-fleet", "--config", str(config), "import", str(inventory))
-    assert imported.returncode == 0, imported.stderr + imported.stdout
-    site_settings = write_yaml(base / "site-settings.yaml", {"interval_s": 1})
-    set_site = run_cli(
-        "campus-fleet",
-        "--config",
-        str(config),
-        "settings",
-        "set",
-        f"site:{site}",
-        str(site_settings),
-    )
-    assert set_site.returncode == 0, set_site.stderr
+    path.write_text("\n".join(rows) + "\n")
+    return sim_devices
 
-    scenario = write_yaml(base / "scenario.yaml", {"time_scale": 1, "devices": sim_devices})
-    bad_profiles = _bad_profiles(base / "bad-profiles")
+
+def _agent_configs(env: Fleet, broker: MosquittoBroker) -> list[Path]:
+    """Each gateway's agent.yaml, trusting the fleet's key; the BAD ones with `_bad_profiles`."""
+    public = env.signing_key.with_name(env.signing_key.name + ".pub")
+    bad_profiles = _bad_profiles(env.dir / "bad-profiles")
     agents = []
     for gw in GATEWAYS:
         agent = {
-            "site": site,
+            "site": env.site,
             "gateway": gw,
             "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive_s": 5},
-            "buffer": {"path": str(base / gw / "buffer.db"), "commit_interval_s": 0.2},
+            "buffer": {"path": str(env.dir / gw / "buffer.db"), "commit_interval_s": 0.2},
             "fleet": {
                 "public_keys": [str(public)],
-                "applied_path": str(base / gw / "config.applied.json"),
+                "applied_path": str(env.dir / gw / "config.applied.json"),
             },
             "state_interval_s": 5,
             "clock": {"sync_check": "none"},
         }
         if gw in BAD:
             agent["profiles_dir"] = str(bad_profiles)
-        (base / gw).mkdir()
-        agents.append(write_yaml(base / gw / "agent.yaml", agent))
+        (env.dir / gw).mkdir()
+        agents.append(write_yaml(env.dir / gw / "agent.yaml", agent))
+    return agents
 
-    env = Fleet(base, site, config, processes, agents)
-    processes.start("sim", "campus-sim", "run", str(scenario))
-    env.start_fleet()
-    processes.running["agents"] = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "agent_host.py"), *map(str, agents)],
-        stdout=(base / "agents.log").open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    wait_for(
-        lambda: (
-            len([g for g in env.json("gateways", "list") if g["status"] == "online"])
-            == len(GATEWAYS)
-        ),
-        60,
-        what="20 agents online",
-    )
-    first = env.json("config", "push", f"site:{site}", "--timeout", "60", timeout=90)
-    assert {g["state"] for g in first["gateways"]} == {"applied"}, first
-    try:
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker) -> Iterator[Fleet]:
+    base = tmp_path_factory.mktemp("control")
+    site = f"ctl-{free_port()}"
+    inventory = base / "inventory.csv"
+    sim_devices = _inventory(site, inventory)
+    with Fleet(base, site, broker, ack_timeout_s=20, command_timeout_s=8) as env:
+        env.ok("keys", "generate")
+        env.ok("import", str(inventory))
+        site_settings = write_yaml(base / "site-settings.yaml", {"interval_s": 1})
+        env.ok("settings", "set", f"site:{site}", str(site_settings))
+        env.agents = _agent_configs(env, broker)
+        env.start_sim({"time_scale": 1, "devices": sim_devices})
+        env.start_fleet()
+        env.start_agents()
+        env.wait_online(GATEWAYS, timeout=60)
+        env.push_and_wait_applied(GATEWAYS, timeout_s=60)
         yield env
-    finally:
-        processes.close()
 
 
 def _log(env: Fleet) -> str:
@@ -429,12 +397,7 @@ def test_a_gateway_offline_during_a_push_applies_it_when_it_returns(fleet: Fleet
     pushed = fleet.cli("config", "push", f"gateway:{fleet.site}/gw-04", "--timeout", "2", "--json")
     assert pushed.returncode == 4  # not acknowledged yet
     assert json.loads(pushed.stdout)["gateways"][0]["state"] == "sent"
-    fleet.processes.running["agents"] = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "agent_host.py"), *map(str, fleet.agents)],
-        stdout=(fleet.dir / "agents.log").open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    fleet.start_agents()
     wait_for(lambda: fleet.status()["gw-04"]["in_sync"], 60, what="gw-04 applied on return")
     applied = fleet.json("config", "show", f"gateway:{fleet.site}/gw-04", "--applied")
     assert applied["config"]["devices"][0]["interval_s"] == 3
