@@ -7,7 +7,9 @@ The registry is filled through the CLI with ble:// URLs (bind keys for the encry
 and the devices reach the agent in a signed config. Checked: a plain BTHome thermometer, an
 encrypted BTHome CO2 sensor and a GATT environmental sensor report every point of their
 profiles; an encrypted sensor registered with the wrong bind key never reports a value, is down
-with "MIC check failed" in the fleet's events, and the others keep reporting.
+with "MIC check failed" in the fleet's events, and the others keep reporting; a sensor on an
+adapter the gateway lacks (hci1) is down with "Bluetooth adapter hci1 not found", the rest of
+the agent unaffected.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ THERMO = "th-101"  # plain BTHome thermometer
 CO2 = "co2-101"  # encrypted BTHome CO2 sensor, right key
 ESS = "ess-101"  # GATT environmental sensing
 WRONG = "co2-102"  # encrypted BTHome CO2 sensor, registered with the wrong key
+ELSEWHERE = "th-102"  # a thermometer on adapter hci1, which this gateway does not have
 ADDRESSES = {
     THERMO: "A4:C1:38:10:01:01",
     CO2: "A4:C1:38:10:01:02",
     ESS: "C0:FF:EE:10:01:03",
     WRONG: "A4:C1:38:10:01:04",
+    ELSEWHERE: "A4:C1:38:10:01:05",
 }
 KEY = "231d39c1d7cc1ab1aee224cd096db932"
 WRONG_SENSOR_KEY = "00112233445566778899aabbccddeeff"
@@ -48,6 +52,7 @@ PROFILES = {
     CO2: "bthome-co2-sensor",
     ESS: "gatt-environmental-sensor",
     WRONG: "bthome-co2-sensor",
+    ELSEWHERE: "bthome-lywsd03mmc",
 }
 POINTS = {
     THERMO: {"temperature", "humidity", "battery", "battery_voltage", "rssi", "last_seen_s"},
@@ -111,6 +116,7 @@ CONNECTIONS = {
     CO2: f"ble://{ADDRESSES[CO2]}?bind_key={KEY}&advert_interval_s=1",
     ESS: f"ble://{ADDRESSES[ESS]}?timeout_s=3",
     WRONG: f"ble://{ADDRESSES[WRONG]}?bind_key={NOT_ITS_KEY}&advert_interval_s=1",
+    ELSEWHERE: f"ble://{ADDRESSES[ELSEWHERE]}?adapter=hci1&advert_interval_s=1",
 }
 
 
@@ -227,4 +233,33 @@ def test_a_wrong_bind_key_gives_no_values_and_says_why(campus: Campus) -> None:
     wait_for(fresh, 30, what="readings of the other sensors after the refusal")
     devices = campus.devices_with_points()
     assert all(devices[d]["availability"] == "up" for d in POINTS)
-    assert [e["device"] for e in campus.events() if e["kind"] == "device_down"] == [WRONG]
+    down_devices = {e["device"] for e in campus.events() if e["kind"] == "device_down"}
+    assert WRONG in down_devices and not down_devices & set(POINTS)
+
+
+def test_a_missing_adapter_fails_only_its_devices(campus: Campus) -> None:
+    """The agent reads a sensor on an adapter the gateway lacks: that device is down with the
+    reason, in the events and in devices list; the sensors on hci0 keep reporting."""
+    down = wait_for(
+        lambda: next(
+            (e for e in campus.events() if e["device"] == ELSEWHERE and e["kind"] == "device_down"),
+            None,
+        ),
+        30,
+        what="the sensor on the missing adapter reported down",
+    )
+    assert "Bluetooth adapter hci1 not found" in down["message"], down
+    listed = wait_for(
+        lambda: (d := campus.devices_with_points()[ELSEWHERE])["availability"] == "down" and d,
+        20,
+        what="the sensor on hci1 down in devices list",
+    )
+    assert "hci1 not found" in (listed["reason"] or "") and listed["points"] == []
+    after = down["ts_ns"]
+
+    def fresh() -> bool:
+        rows = {d: campus.json("readings", d, "--since", "1m") for d in POINTS}
+        return all(any(r["ts_ns"] > after + 2e9 for r in rows[d]) for d in POINTS)
+
+    wait_for(fresh, 30, what="readings of the sensors on hci0 after it")
+    assert all(campus.devices_with_points()[d]["availability"] == "up" for d in POINTS)
