@@ -93,7 +93,7 @@ class Agent:
         )
         self.events = EventQueue(self.buffer, self.clock.wall_ns)
         self.coordinator = Coordinator(self.buffer, self.events, self.clock)
-        self.drivers = drivers or DriverFactory()
+        self.drivers = drivers or DriverFactory(state_dir=config.buffer.path.parent)
         self._topics = {ch: topic(config.site, config.gateway, ch) for ch in Channel}
         offline = GatewayState(status=Status.OFFLINE, reason="connection lost")
         self.link = MqttLink(

@@ -2,13 +2,16 @@
 
 Each protocol package has a `driver` module with a `Pool` (what its drivers share: one Modbus
 client per bus, one MQTT session per broker, one BLE scanner per adapter…; `async close()`) and
-`build(profile, connection, pool) -> Driver`. Driver modules are imported when a device first
-needs them, so a gateway without BLE sensors never loads bleak.
+`build(profile, connection, pool) -> Driver`; a module that sets `POOL_TAKES_STATE_DIR = True`
+gets `Pool(state_dir=…)`, the gateway's data directory (None: keep nothing on disk). Driver
+modules are imported when a device first needs them, so a gateway without BLE sensors never
+loads bleak.
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -53,7 +56,8 @@ _DRIVER_MODULES = {
 class DriverFactory:
     """Builds drivers and owns what they share (one pool per protocol, made on first use)."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.state_dir = state_dir
         self._pools: dict[str, Any] = {}
 
     def build(self, profile: AnyProfile, connection: Any) -> Driver:
@@ -64,7 +68,10 @@ class DriverFactory:
             )
         module = importlib.import_module(_DRIVER_MODULES[protocol])
         if protocol not in self._pools:
-            self._pools[protocol] = module.Pool()
+            if getattr(module, "POOL_TAKES_STATE_DIR", False):
+                self._pools[protocol] = module.Pool(state_dir=self.state_dir)
+            else:
+                self._pools[protocol] = module.Pool()
         driver: Driver = module.build(profile, connection, self._pools[protocol])
         return driver
 

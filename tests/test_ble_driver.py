@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -212,6 +213,151 @@ async def test_counter_restart_is_accepted_after_silence(bluez: BluezControl, po
         await advertise(bluez, driver, data)
     assert driver.counters.replayed == 6
     assert values(await driver.read())["temperature"] == 22.0
+
+
+# --- replay counters across restarts ---------------------------------------------------------
+
+
+def encrypted(counter: int, temperature: float = 21.0, key: str = KEY) -> bytes:
+    return bthome.encode([("temperature", temperature)], mac=THERMO, bind_key=key, counter=counter)
+
+
+def matching(folder: Path, pattern: str) -> list[Path]:
+    return list(folder.glob(pattern))
+
+
+def saved_counters(state_dir: Path) -> dict[str, object]:
+    data = json.loads((state_dir / "ble-counters.json").read_text())
+    return {name: entry["counter"] for name, entry in data["counters"].items()}
+
+
+async def test_counters_survive_an_agent_restart(bluez: BluezControl, tmp_path: Path) -> None:
+    factory = DriverFactory(state_dir=tmp_path)  # what the agent makes from buffer.path's folder
+    try:
+        first = factory.build(profile("bthome-lywsd03mmc"), connection(bind_key=KEY))
+        assert isinstance(first, BthomeDriver)
+        await first.scan()
+        await advertise(bluez, first, encrypted(10, 20.0))
+        await advertise(bluez, first, encrypted(11, 21.0))
+    finally:
+        await factory.close()  # the agent stops: the pool saves
+    assert saved_counters(tmp_path) == {f"hci0/{THERMO}": 11}
+    assert matching(tmp_path, "*.tmp") == []
+
+    restarted = Pool(state_dir=tmp_path)
+    try:
+        driver = bthome_driver(restarted, bind_key=KEY)
+        await driver.scan()
+        await advertise(bluez, driver, encrypted(10, 20.0))  # recorded before the restart
+        assert driver.counters.replayed == 1 and driver.counters.accepted == 0
+        assert driver.problem == "replayed advert refused (counter 10 ≤ 11)"
+        with pytest.raises(DriverError, match=r"adverts heard but refused \(0 malformed, 1 re"):
+            await driver.read()  # nothing taken from it
+        await advertise(bluez, driver, encrypted(12, 22.0))
+        assert values(await driver.read())["temperature"] == 22.0
+    finally:
+        await restarted.close()
+    assert saved_counters(tmp_path) == {f"hci0/{THERMO}": 12}
+
+
+async def test_a_replaced_driver_keeps_the_counter_in_memory(
+    bluez: BluezControl, pool: Pool
+) -> None:
+    """A pushed config rebuilds the device's driver in the same pool: no gap for a replay, and
+    nothing on disk without a state directory (tests, `campus-agent probe`)."""
+    old = bthome_driver(pool, bind_key=KEY)
+    await old.scan()
+    await advertise(bluez, old, encrypted(10))
+    await advertise(bluez, old, encrypted(11))
+    await old.close()
+    new = bthome_driver(pool, bind_key=KEY, advert_interval_s=20)
+    await new.scan()
+    await advertise(bluez, new, encrypted(10))
+    assert new.counters.replayed == 1 and new.counters.accepted == 0
+    assert pool.counters.path is None and pool.counters.writes == 0
+
+    # another bind key: the old key's counter proves nothing about the new one's adverts
+    rekeyed = bthome_driver(pool, bind_key=OTHER_KEY)
+    await rekeyed.scan()
+    await advertise(bluez, rekeyed, encrypted(1, 19.0, key=OTHER_KEY))
+    assert rekeyed.counters.accepted == 1 and rekeyed.counters.replayed == 0
+
+
+async def test_counter_saves_are_throttled(bluez: BluezControl, tmp_path: Path) -> None:
+    pool = Pool(state_dir=tmp_path, save_interval_s=0.4)
+    try:
+        driver = bthome_driver(pool, bind_key=KEY)
+        await driver.scan()
+        started = time.monotonic()
+        for counter in range(1, 6):
+            await advertise(bluez, driver, encrypted(counter))
+        assert time.monotonic() - started < 0.4, "adverts too slow for this test's interval"
+        await until(lambda: pool.counters.writes == 1)  # the first change is saved at once
+        assert saved_counters(tmp_path)[f"hci0/{THERMO}"] in range(1, 6)
+        await until(lambda: pool.counters.writes == 2, timeout=1.0)  # the rest, one interval on
+        assert saved_counters(tmp_path) == {f"hci0/{THERMO}": 5}
+        await advertise(bluez, driver, encrypted(5))  # a repeat changes nothing: no write
+        await asyncio.sleep(0.5)
+        assert pool.counters.writes == 2
+        await advertise(bluez, driver, encrypted(6))
+        assert pool.counters.writes == 2  # due in the next interval…
+    finally:
+        await pool.close()
+    assert pool.counters.writes == 3  # …or on close
+    assert saved_counters(tmp_path) == {f"hci0/{THERMO}": 6}
+
+
+async def test_a_damaged_counter_file_is_set_aside(
+    bluez: BluezControl, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "ble-counters.json"
+    path.write_text('{"format": 1, "counters": {"hci0/A4:C1:38:3E:B3:93": {"counter": -')
+    caplog.set_level("WARNING", logger="drivers.ble.counters")
+    pool = Pool(state_dir=tmp_path)
+    try:
+        (aside,) = matching(tmp_path, "ble-counters.json.bad-*")
+        assert aside.read_text().endswith('"counter": -')
+        assert not path.exists()
+        assert f"{path} is damaged" in caplog.text and aside.name in caplog.text
+        driver = bthome_driver(pool, bind_key=KEY)
+        await driver.scan()
+        await advertise(bluez, driver, encrypted(3, 23.5))  # no floor: read as a first advert
+        assert values(await driver.read())["temperature"] == 23.5
+    finally:
+        await pool.close()
+    assert saved_counters(tmp_path) == {f"hci0/{THERMO}": 3}
+
+
+async def test_counter_restart_rule_across_an_agent_restart(
+    bluez: BluezControl, tmp_path: Path
+) -> None:
+    """After a restart the saved counter holds for one offline window of listening; then a
+    sensor that restarted its own counter is taken back as before."""
+    before = Pool(state_dir=tmp_path)
+    try:
+        driver = bthome_driver(before, bind_key=KEY)
+        await driver.scan()
+        await advertise(bluez, driver, encrypted(500, 20.0))
+    finally:
+        await before.close()
+
+    after = Pool(state_dir=tmp_path)
+    try:
+        driver = bthome_driver(after, bind_key=KEY, advert_interval_s=0.1)  # window 6 × 0.1 s
+        await driver.scan()
+        started = time.monotonic()
+        for counter in range(1, 7):  # a recorded run, played back at once after the restart
+            await advertise(bluez, driver, encrypted(counter, 5.0))
+        assert time.monotonic() - started < 0.6, "adverts too slow for this test's window"
+        assert driver.counters.replayed == 6 and driver.counters.accepted == 0
+
+        await asyncio.sleep(0.65)  # a window with nothing accepted: the sensor did restart
+        await advertise(bluez, driver, encrypted(7, 22.0))
+        assert driver.counters.accepted == 1
+        assert values(await driver.read())["temperature"] == 22.0
+    finally:
+        await after.close()
+    assert saved_counters(tmp_path) == {f"hci0/{THERMO}": 7}
 
 
 async def test_malformed_service_data_is_counted_not_fatal(bluez: BluezControl, pool: Pool) -> None:

@@ -5,10 +5,13 @@ Rules. BTHome (`mode: bthome`): every advert carrying BTHome service data is dec
 device's bind key; a repeated advert (same bytes, or same packet id) only proves the sensor is
 alive; an encrypted advert whose counter is not above the last one is a replay and is refused,
 unless the counter keeps rising from its new start while the sensor is otherwise silent (it
-restarted); a malformed advert (wrong key, truncated, unknown object) is counted and changes
-nothing. `read()` returns the latest value of each point, and fails when nothing valid was heard
-for `offline_after` × the advert interval; `open()` (the installer's probe, never the agent's
-coordinator) waits up to one advert interval for a valid advert and fails when none came.
+restarted); the last accepted counter of each sensor outlives the driver (kept by the pool,
+and saved in the gateway's data directory when the pool has one), so neither a pushed config
+nor an agent restart opens a gap for replays; a malformed advert (wrong key, truncated, unknown
+object) is counted and changes nothing. `read()` returns the latest value of each point, and
+fails when nothing valid was heard for `offline_after` × the advert interval; `open()` (the
+installer's probe, never the agent's coordinator) waits up to one advert interval for a valid
+advert and fails when none came.
 GATT (`mode: gatt`): connect, read the profile's characteristics, disconnect; a connection
 attempt is bounded by `timeout_s` and retried with back-off; at most `max_connections`
 connections per adapter at a time. An adapter that is missing or powered off fails every read
@@ -21,6 +24,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bleak import BleakClient
@@ -37,6 +41,7 @@ from dbus_fast.errors import DBusFastError
 from drivers.base import Driver, PollResult, Value
 from drivers.ble import bthome, gatt
 from drivers.ble.connection import BleConnection
+from drivers.ble.counters import FILE_NAME, CounterStore, key_id
 from drivers.ble.profile import BlePoint, BleProfile
 from drivers.ble.scanner import Advert, Registration, Scanner
 from drivers.errors import DeviceTimeout, DeviceUnreachable, DriverError
@@ -46,10 +51,14 @@ log = logging.getLogger(__name__)
 #: adverts accepted before a point missing from them is reported (some sensors alternate packets)
 _ADVERTS_BEFORE_MISSING = 3
 
+#: drivers.registry gives this module's Pool the gateway's data directory
+POOL_TAKES_STATE_DIR = True
+
 
 class Pool:
-    """What every BLE device of a gateway shares: one scanner per adapter, and a bound on the
-    GATT connections each adapter holds at once."""
+    """What every BLE device of a gateway shares: one scanner per adapter, a bound on the GATT
+    connections each adapter holds at once, and the last accepted BTHome counters (in
+    `state_dir`, when given, else in memory only)."""
 
     def __init__(
         self,
@@ -57,6 +66,8 @@ class Pool:
         max_connections: int = 1,
         connect_attempts: int = 2,
         retry_delay_s: float = 0.5,
+        state_dir: Path | None = None,
+        save_interval_s: float = 60.0,
     ) -> None:
         if max_connections < 1 or connect_attempts < 1 or retry_delay_s < 0:
             raise ValueError("max_connections and connect_attempts ≥ 1, retry_delay_s ≥ 0")
@@ -65,6 +76,9 @@ class Pool:
         self.retry_delay_s = retry_delay_s
         self._scanners: dict[str, Scanner] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self.counters = CounterStore(
+            None if state_dir is None else state_dir / FILE_NAME, save_interval_s=save_interval_s
+        )
 
     def scanner(self, adapter: str) -> Scanner:
         if adapter not in self._scanners:
@@ -80,6 +94,7 @@ class Pool:
         scanners, self._scanners = list(self._scanners.values()), {}
         for scanner in scanners:
             await scanner.close()
+        await self.counters.close()
 
 
 def build(profile: BleProfile, connection: BleConnection, pool: Pool) -> Driver:
@@ -144,6 +159,7 @@ class BthomeDriver(_BleDriver):
     def __init__(self, profile: BleProfile, connection: BleConnection, pool: Pool) -> None:
         super().__init__(profile, connection, pool)
         self.key = bytes.fromhex(connection.bind_key) if connection.bind_key else None
+        self._key_id = key_id(self.key) if self.key is not None else ""
         self.interval_s = connection.advert_interval_s or profile.advert_interval_s
         self.window_s = self.interval_s * profile.offline_after
         self.counters = BthomeCounters()
@@ -155,7 +171,9 @@ class BthomeDriver(_BleDriver):
         self._last_data: bytes | None = None
         self._last_data_good = False
         self._packet_id: int | None = None
-        self._counter: int | None = None
+        # the floor a new driver starts from: what the pool remembers of this sensor
+        self._counter = pool.counters.get(connection.adapter, self.address, self._key_id)
+        self._listening_since = time.monotonic()
         self._rising: tuple[int, int] | None = None  # (replays in a row rising, last counter)
         self._alive = asyncio.Event()  # set by each valid advert, for open()
 
@@ -198,8 +216,11 @@ class BthomeDriver(_BleDriver):
             return
         self._last_data_good = True
         self._good(advert.at)
-        if parsed.counter is not None:
+        if parsed.counter is not None and parsed.counter != self._counter:
             self._counter = parsed.counter
+            self.pool.counters.put(
+                self.connection.adapter, self.address, self._key_id, parsed.counter
+            )
         if parsed.packet_id is not None and parsed.packet_id == self._packet_id:
             self.counters.duplicates += 1
             return
@@ -224,11 +245,16 @@ class BthomeDriver(_BleDriver):
     def _restarted(self, replay: bthome.BthomeReplay, at: float) -> bool:
         """True when authentic adverts keep coming with a rising counter below the last one
         accepted while the sensor has been silent for its offline window: it restarted and its
-        counter began again. Anything shorter stays a replay."""
+        counter began again. Anything shorter stays a replay. Silence counts from the last
+        advert accepted, or from when this driver began listening: after an agent restart the
+        saved counter holds for one window at least."""
         run, last = self._rising or (0, -1)
         run = run + 1 if replay.counter > last else 1
         self._rising = (run, replay.counter)
-        silent = self.last_good is None or at - self.last_good > self.window_s
+        quiet_since = self.last_good
+        if quiet_since is None:
+            quiet_since = max(self._listening_since, self.scanner.started_at or 0.0)
+        silent = at - quiet_since > self.window_s
         if run < self.profile.offline_after or not silent:
             return False
         log.warning(
