@@ -2,9 +2,10 @@
 
 Rules: one small JSON file in the gateway's data directory, replaced atomically (temp file,
 fsync, rename, fsync of the folder), written at most once per `save_interval_s` when something
-changed, off the event loop, and once more on `close()`: an SD card sees a handful of writes an
-hour, and a crash loses at most the last interval's counters. A counter is kept with a short
-fingerprint of the bind key it was checked with: a counter under another key proves nothing.
+changed, off the event loop, and once more on `close()`: an SD card sees at most one small write
+a minute (not one per advert), and a crash loses at most the last interval's counters. A counter
+is kept with a short fingerprint of the bind key it was checked with: a counter under another
+key proves nothing.
 A damaged file is renamed `.bad-<UTC time>` with a warning and the store starts empty. Without a
 path the store lives in memory only.
 """
