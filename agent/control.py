@@ -38,6 +38,29 @@ MAX_REASON = 4000
 OUTBOX_LIMIT = 1000
 
 
+def make_ack(
+    kind: str,
+    version: int,
+    sha256: str | None,
+    status: AckStatus,
+    reason: str | None,
+    applied_version: int,
+    clock: Clock,
+) -> Ack:
+    """The answer to a config or policy document, its reason cut to what the wire allows."""
+    if reason is not None and len(reason) > MAX_REASON:
+        reason = reason[: MAX_REASON - 1] + "…"
+    return Ack(
+        kind=kind,
+        version=version,
+        sha256=sha256,
+        status=status,
+        reason=reason,
+        applied_version=applied_version,
+        ts_ns=clock.wall_ns(),
+    )
+
+
 class Refused(Exception):
     """A document that must not be applied; the text is the ack's reason."""
 
@@ -367,17 +390,7 @@ class ConfigControl:
     def _ack(
         self, version: int, sha256: str | None, status: AckStatus, reason: str | None = None
     ) -> Ack:
-        if reason is not None and len(reason) > MAX_REASON:
-            reason = reason[: MAX_REASON - 1] + "…"
-        return Ack(
-            kind="config",
-            version=version,
-            sha256=sha256,
-            status=status,
-            reason=reason,
-            applied_version=self.applied_version,
-            ts_ns=self.clock.wall_ns(),
-        )
+        return make_ack("config", version, sha256, status, reason, self.applied_version, self.clock)
 
 
 # -- answers that must reach the broker -----------------------------------------------------------

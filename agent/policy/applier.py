@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from agent.clock import Clock
 from agent.config import PolicySettings
 from agent.control import (
-    MAX_REASON,
     AppliedFileError,
     AppliedStore,
     Refused,
@@ -32,6 +31,7 @@ from agent.control import (
     check_identity,
     check_signature,
     decode_document,
+    make_ack,
 )
 from agent.events import EventQueue
 from agent.policy.nft import Nft, NftError, NftUnavailable
@@ -418,17 +418,7 @@ class PolicyControl:
     def _ack(
         self, version: int, sha256: str | None, status: AckStatus, reason: str | None = None
     ) -> Ack:
-        if reason is not None and len(reason) > MAX_REASON:
-            reason = reason[: MAX_REASON - 1] + "…"
-        return Ack(
-            kind="policy",
-            version=version,
-            sha256=sha256,
-            status=status,
-            reason=reason,
-            applied_version=self.applied_version,
-            ts_ns=self.clock.wall_ns(),
-        )
+        return make_ack("policy", version, sha256, status, reason, self.applied_version, self.clock)
 
     # -- counters
 
